@@ -1,0 +1,91 @@
+"""dice-jax checkpoints: parameters in orbax format beside the model config and tokenizer.
+
+Layout of a checkpoint folder:
+
+    dice_checkpoint.json   {"format": "dice-jax", "version": 1, "model_config": {...}}
+    params/                orbax StandardCheckpointer tree (sharded, restorable on any mesh)
+    tokenizer/             tokenizer files (`save_pretrained`), chat template included
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from dice_jax.errors import CheckpointError
+from dice_jax.fileio import atomic_directory, write_json
+from dice_jax.models.config import ModelConfig
+from dice_jax.sharding import param_shapes, param_shardings
+
+MARKER = "dice_checkpoint.json"
+FORMAT_VERSION = 1
+
+
+def is_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MARKER))
+
+
+def save_checkpoint(params: dict, config: ModelConfig, destination: str,
+                    tokenizer: Any = None) -> str:
+    """Writes a dice-jax checkpoint at `destination` (which must not exist), atomically."""
+    with atomic_directory(destination) as tmp:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(os.path.join(tmp, "params"), params)
+        checkpointer.wait_until_finished()
+        if tokenizer is not None:
+            tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+        write_json(os.path.join(tmp, MARKER), {
+            "format": "dice-jax", "version": FORMAT_VERSION,
+            "model_config": json.loads(config.to_json())})
+    return destination
+
+
+def read_checkpoint_config(path: str) -> ModelConfig:
+    marker = os.path.join(path, MARKER)
+    if not os.path.isfile(marker):
+        raise CheckpointError(path, f"not a dice-jax checkpoint (no {MARKER})")
+    try:
+        with open(marker) as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(marker, f"not valid JSON ({e})") from None
+    if meta.get("format") != "dice-jax" or meta.get("version") != FORMAT_VERSION:
+        raise CheckpointError(marker, f"unsupported checkpoint format {meta.get('format')!r} "
+                              f"version {meta.get('version')!r}")
+    return ModelConfig.from_json(json.dumps(meta.get("model_config")), source=marker)
+
+
+def load_checkpoint(path: str, shardings: Any | None = None,
+                    **config_overrides: Any) -> tuple[dict, ModelConfig]:
+    """Params (restored straight onto `shardings`, default one device) and config.
+
+    `config_overrides` may change numerics (`dtype`, `param_dtype`, `remat`), not shapes.
+    """
+    config = read_checkpoint_config(path).replace(**config_overrides)
+    shardings = shardings if shardings is not None else param_shardings(config)
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          param_shapes(config), shardings)
+    params_dir = os.path.join(os.path.abspath(path), "params")
+    if not os.path.isdir(params_dir):
+        raise CheckpointError(params_dir, "missing parameter folder")
+    try:
+        params = ocp.StandardCheckpointer().restore(params_dir, target)
+    except (ValueError, KeyError, FileNotFoundError, OSError) as e:
+        raise CheckpointError(params_dir, f"cannot restore parameters ({e})") from None
+    return params, config
+
+
+def load_checkpoint_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    folder = os.path.join(path, "tokenizer")
+    if not os.path.isdir(folder):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        raise CheckpointError(folder, f"cannot load the tokenizer ({type(e).__name__})") from None

@@ -1,0 +1,192 @@
+"""The Llama-3 / Mistral decoder in Flax linen.
+
+Parameters form a plain nested dict (see `PARAM_LAYOUT` in `dice_jax.checkpoints.mapping`):
+
+    embed [vocab, embed]
+    layers/attn_norm [layers, embed]           layers/mlp_norm [layers, embed]
+    layers/attn/{q,k,v}_proj [layers, embed, (kv_)heads, head_dim]
+    layers/attn/o_proj [layers, heads, head_dim, embed]
+    layers/mlp/{gate,up}_proj [layers, embed, mlp]   layers/mlp/down_proj [layers, mlp, embed]
+    final_norm [embed]                          lm_head [embed, vocab] (untied models only)
+
+Layers are stacked along a leading `layers` axis and run with `nn.scan`, so XLA compiles
+one layer whatever the depth. Every parameter and large activation carries logical axis
+names; `dice_jax.sharding` maps them to mesh axes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dice_jax.models.config import ModelConfig
+from dice_jax.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
+
+Array = jax.Array
+_INIT = nn.initializers.normal(stddev=0.02)
+# Finite, so a query that may see no key (a left-pad slot) gives a uniform row, not NaN.
+_MASKED = float(jnp.finfo(jnp.float32).min)
+
+
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...],
+           init: Any = _INIT) -> Array:
+    """A parameter with logical axis names, cast to the compute dtype on use."""
+    cfg: ModelConfig = module.config
+    value = module.param(name, nn.with_logical_partitioning(init, axes), shape,
+                         jnp.dtype(cfg.param_dtype))
+    return jnp.asarray(value, jnp.dtype(cfg.dtype))
+
+
+def rms_norm(x: Array, scale: Array, eps: float) -> Array:
+    """RMSNorm over the last axis, computed in float32 as HF does, returned in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale * x32.astype(x.dtype)
+
+
+def attention_allowed(positions_q: Array, positions_k: Array, key_valid: Array,
+                      sliding_window: int | None) -> Array:
+    """Which keys each query may attend to, bool `[batch, 1, 1, q_len, k_len]`.
+
+    `positions_*` are slot indices `[batch, len]` (causality and the sliding window are
+    measured in slots, as HF does); `key_valid [batch, k_len]` masks padding.
+    """
+    q = positions_q[:, :, None]
+    k = positions_k[:, None, :]
+    allowed = (k <= q) & key_valid[:, None, :].astype(bool)
+    if sliding_window is not None:
+        allowed &= (q - k) < sliding_window
+    return allowed[:, None, None, :, :]
+
+
+def grouped_attention(q: Array, k: Array, v: Array, allowed: Array) -> Array:
+    """Grouped-query attention with a float32 softmax.
+
+    q `[batch, q_len, heads, head_dim]`, k/v `[batch, k_len, kv_heads, head_dim]`,
+    allowed `[batch, 1, 1, q_len, k_len]` -> `[batch, q_len, heads, head_dim]`.
+    """
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * (d ** -0.5)
+    scores = jnp.where(allowed, scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array, cos: Array, sin: Array, allowed: Array) -> Array:
+        cfg = self.config
+        e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q = jnp.einsum("bte,ehd->bthd", x, _param(self, "q_proj", (e, h, d),
+                                                  ("embed", "heads", "head_dim")))
+        k = jnp.einsum("bte,ehd->bthd", x, _param(self, "k_proj", (e, kv, d),
+                                                  ("embed", "kv_heads", "head_dim")))
+        v = jnp.einsum("bte,ehd->bthd", x, _param(self, "v_proj", (e, kv, d),
+                                                  ("embed", "kv_heads", "head_dim")))
+        q = nn.with_logical_constraint(apply_rope(q, cos, sin),
+                                       ("batch", "length", "heads", "head_dim"))
+        k = nn.with_logical_constraint(apply_rope(k, cos, sin),
+                                       ("batch", "length", "kv_heads", "head_dim"))
+        v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
+        out = grouped_attention(q, k, v, allowed)
+        o_proj = _param(self, "o_proj", (h, d, e), ("heads", "head_dim", "embed"))
+        return jnp.einsum("bthd,hde->bte", out, o_proj)
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        e, m = cfg.hidden_size, cfg.intermediate_size
+        gate = jnp.einsum("bte,em->btm", x, _param(self, "gate_proj", (e, m), ("embed", "mlp")))
+        up = jnp.einsum("bte,em->btm", x, _param(self, "up_proj", (e, m), ("embed", "mlp")))
+        hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return jnp.einsum("btm,me->bte", hidden,
+                          _param(self, "down_proj", (m, e), ("mlp", "embed")))
+
+
+class DecoderLayer(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array, cos: Array, sin: Array, allowed: Array) -> tuple[Array, None]:
+        cfg = self.config
+        ones = nn.initializers.ones
+        norm = _param(self, "attn_norm", (cfg.hidden_size,), ("embed",), ones)
+        x = x + Attention(cfg, name="attn")(rms_norm(x, norm, cfg.rms_norm_eps), cos, sin, allowed)
+        norm = _param(self, "mlp_norm", (cfg.hidden_size,), ("embed",), ones)
+        x = x + MLP(cfg, name="mlp")(rms_norm(x, norm, cfg.rms_norm_eps))
+        return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
+
+
+class Decoder(nn.Module):
+    """Token ids -> next-token logits for a padded batch.
+
+    `__call__(input_ids [batch, length] int, positions [batch, length] int,
+    attention_mask [batch, length] 0/1)`; returns logits `[batch, length, vocab]` in the
+    compute dtype, or with `return_hidden=True` the final normed hidden states
+    `[batch, length, embed]` so a caller can project to the vocabulary in chunks
+    (`Decoder.apply(..., method=Decoder.logits)`).
+    """
+
+    config: ModelConfig
+
+    def setup(self) -> None:
+        cfg = self.config
+        layer = DecoderLayer
+        if cfg.remat:
+            layer = nn.remat(layer, prevent_cse=False)
+        self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                              in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                              length=cfg.num_layers,
+                              metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
+        self.embed = self.param("embed", nn.with_logical_partitioning(_INIT, ("vocab", "embed")),
+                                (cfg.vocab_size, cfg.hidden_size), jnp.dtype(cfg.param_dtype))
+        self.final_norm = self.param("final_norm", nn.with_logical_partitioning(
+            nn.initializers.ones, ("embed",)), (cfg.hidden_size,), jnp.dtype(cfg.param_dtype))
+        if not cfg.tie_word_embeddings:
+            self.lm_head = self.param("lm_head", nn.with_logical_partitioning(
+                _INIT, ("embed", "vocab")), (cfg.hidden_size, cfg.vocab_size),
+                jnp.dtype(cfg.param_dtype))
+
+    def __call__(self, input_ids: Array, positions: Array, attention_mask: Array,
+                 return_hidden: bool = False) -> Array:
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        x = jnp.take(jnp.asarray(self.embed, dtype), input_ids, axis=0)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        slots = jnp.broadcast_to(jnp.arange(input_ids.shape[1])[None], input_ids.shape)
+        allowed = attention_allowed(slots, slots, attention_mask, cfg.sliding_window)
+        cos, sin = rope_cos_sin(positions, inverse_frequencies(
+            cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+        x, _ = self.layers(x, cos, sin, allowed)
+        x = rms_norm(x, jnp.asarray(self.final_norm, dtype), cfg.rms_norm_eps)
+        if return_hidden:
+            return x
+        return self.logits(x)
+
+    def logits(self, hidden: Array) -> Array:
+        """Projects normed hidden states `[..., embed]` to logits `[..., vocab]`."""
+        dtype = jnp.dtype(self.config.dtype)
+        if self.config.tie_word_embeddings:
+            out = jnp.einsum("...e,ve->...v", hidden, jnp.asarray(self.embed, dtype))
+        else:
+            out = jnp.einsum("...e,ev->...v", hidden, jnp.asarray(self.lm_head, dtype))
+        names = ("batch", "length", "vocab")[-out.ndim:] if out.ndim <= 3 else None
+        return nn.with_logical_constraint(out, names) if names else out
+
+
+def positions_from_mask(attention_mask: Array) -> Array:
+    """Positions `[batch, length]` that count only real tokens (HF's left-padding rule)."""
+    mask = attention_mask.astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
