@@ -1,0 +1,201 @@
+"""Algorithm 1, lines 3-5: scored samples -> D(alpha*) -> D_t, with counts and statistics.
+
+Input is a `ScoredSamples` (K responses per prompt with both models' sequence log-probs);
+output a `RoundData` holding every sample's reward, the pairs of D(alpha*), the replay mix
+D_t and a JSON-ready `stats` dict. Writing files is `dice_jax.dice.artifacts`' job.
+
+Defaults follow the paper's text where it is explicit (rewards scaled by beta, Eq. 9's mean
+absolute gap, random search) and the official code where the paper is silent (filters,
+replay sizes, character lengths); each is a config field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from dice_jax.dice.alpha_search import AlphaSearchConfig, AlphaSearchResult, search_alpha
+from dice_jax.dice.filters import FilterConfig, valid_responses
+from dice_jax.dice.replay import mix_replay
+from dice_jax.dice.rewards import (
+    implicit_reward,
+    length_gap_objective,
+    length_regularized_reward,
+    mean_length_gap,
+    select_pairs,
+)
+from dice_jax.errors import DiceError
+
+
+@dataclasses.dataclass(frozen=True)
+class DiceDataConfig:
+    beta: float = 0.1
+    reward_scale: str = "beta"   # "beta": Eq. 4 as written; "none": the official code
+    length_unit: str = "chars"   # "chars" (paper, official) or "tokens"
+    gamma: float = 0.5           # replay fraction of offline data
+    seed: int = 0
+    filters: FilterConfig = dataclasses.field(default_factory=FilterConfig)
+    search: AlphaSearchConfig = dataclasses.field(default_factory=AlphaSearchConfig)
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise DiceError(f"dice.beta={self.beta} must be > 0")
+        if self.reward_scale not in ("beta", "none"):
+            raise DiceError(f"dice.reward_scale={self.reward_scale!r}; expected 'beta' or 'none'")
+        if self.length_unit not in ("chars", "tokens"):
+            raise DiceError(f"dice.length_unit={self.length_unit!r}; expected 'chars' or "
+                            "'tokens'")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise DiceError(f"dice.gamma={self.gamma} must lie in [0, 1]")
+
+
+@dataclasses.dataclass
+class ScoredSamples:
+    """K responses for each of P prompts, with sequence log-probs under both models."""
+
+    prompts: list[str]
+    responses: list[list[str]]          # [P][K]
+    token_counts: np.ndarray            # [P, K] int, response tokens incl. end-of-turn
+    finish_reasons: list[list[str]]     # [P][K] "stop" | "length"
+    logp_policy: np.ndarray             # [P, K] float
+    logp_reference: np.ndarray          # [P, K] float
+
+    def validate(self) -> None:
+        p = len(self.prompts)
+        k = len(self.responses[0]) if self.responses else 0
+        if p == 0:
+            raise DiceError("no prompts were sampled")
+        if k < 2:
+            raise DiceError(f"K={k} responses per prompt; a pair needs at least 2")
+        for i, row in enumerate(self.responses):
+            if len(row) != k or len(self.finish_reasons[i]) != k:
+                raise DiceError(f"prompt {i}: {len(row)} responses, expected K={k}")
+        for name in ("token_counts", "logp_policy", "logp_reference"):
+            shape = np.shape(getattr(self, name))
+            if shape != (p, k):
+                raise DiceError(f"samples.{name} has shape {shape}, expected {(p, k)}")
+
+
+@dataclasses.dataclass
+class RoundData:
+    samples: list[dict[str, Any]]       # one row per (prompt, response) with its reward
+    pairs: list[dict[str, Any]]         # D(alpha*)
+    mixed: list[dict[str, Any]]         # D_t
+    search: AlphaSearchResult
+    stats: dict[str, Any]
+    gaps_before: np.ndarray             # |y_w| - |y_l| per pair at alpha = 0
+    gaps_after: np.ndarray              # ... at alpha*
+    reward: np.ndarray                  # [P, K] Eq. 4 (0 where non-finite)
+    lengths: np.ndarray                 # [P, K] in config.length_unit
+    valid: np.ndarray                   # [P, K] survived the filters
+
+
+def _pair_gaps(lengths, chosen, rejected, is_pair) -> np.ndarray:
+    c, r, ok = np.asarray(chosen), np.asarray(rejected), np.asarray(is_pair)
+    idx = np.flatnonzero(ok)
+    return lengths[idx, c[idx]] - lengths[idx, r[idx]]
+
+
+def build_round_data(samples: ScoredSamples, offline: list[dict[str, Any]],
+                     config: DiceDataConfig) -> RoundData:
+    """Rewards (Eq. 4), filters, alpha* (Eq. 9), D(alpha*) (Eq. 8 pairs), replay mix."""
+    samples.validate()
+    reward = np.asarray(implicit_reward(samples.logp_policy, samples.logp_reference,
+                                        config.beta, scaled=config.reward_scale == "beta"))
+    char_lengths = np.array([[len(r) for r in row] for row in samples.responses], np.int64)
+    lengths = (char_lengths if config.length_unit == "chars"
+               else np.asarray(samples.token_counts, np.int64)).astype(np.float32)
+    valid, _, drops = valid_responses(samples.finish_reasons, char_lengths, config.filters)
+    finite = np.isfinite(reward)
+    drops["non_finite_reward"] += int(np.sum(valid & ~finite))
+    valid &= finite
+    reward = np.where(finite, reward, 0.0).astype(np.float32)
+    if not valid.any():
+        raise DiceError(f"every response was filtered out (drops: {dict(drops)}); nothing "
+                        "to pair. Loosen dice.filters or sample more tokens")
+    search = search_alpha(reward, lengths, valid, config.search)
+    shaped = np.asarray(length_regularized_reward(reward, lengths, np.float32(search.alpha)))
+    chosen, rejected, is_pair = (np.asarray(a) for a in select_pairs(shaped, valid))
+    unshaped = select_pairs(reward, valid)
+    drops["tied_prompts"] += int(np.sum((valid.sum(-1) >= 2) & ~is_pair))
+    if not is_pair.any():
+        raise DiceError(f"no prompt yields a pair (drops: {dict(drops)})")
+    pairs = []
+    for i in np.flatnonzero(is_pair):
+        w, lo = int(chosen[i]), int(rejected[i])
+        pairs.append({
+            "prompt": samples.prompts[i], "chosen": samples.responses[i][w],
+            "rejected": samples.responses[i][lo], "prompt_index": int(i),
+            "chosen_index": w, "rejected_index": lo,
+            "chosen_reward": float(reward[i, w]), "rejected_reward": float(reward[i, lo]),
+            "chosen_length": int(lengths[i, w]), "rejected_length": int(lengths[i, lo]),
+        })
+    mix = mix_replay(pairs, [_normalise_offline(row, j) for j, row in enumerate(offline)],
+                     config.gamma, config.seed)
+    mixed = [_uniform_row(row) for row in mix.rows]
+    rows = [{"prompt_index": i, "sample_index": k, "prompt": samples.prompts[i],
+             "response": samples.responses[i][k], "finish_reason": samples.finish_reasons[i][k],
+             "num_tokens": int(samples.token_counts[i, k]), "num_chars": int(char_lengths[i, k]),
+             "logp_policy": float(samples.logp_policy[i, k]),
+             "logp_reference": float(samples.logp_reference[i, k]),
+             "reward": float(reward[i, k]), "shaped_reward": float(shaped[i, k]),
+             "valid": bool(valid[i, k])}
+            for i in range(len(samples.prompts)) for k in range(len(samples.responses[i]))]
+    before = _pair_gaps(lengths, *unshaped)
+    after = _pair_gaps(lengths, chosen, rejected, is_pair)
+    stats = {
+        "num_prompts": len(samples.prompts), "k": len(samples.responses[0]),
+        "num_valid_responses": int(valid.sum()), "num_pairs": len(pairs),
+        "drops": dict(sorted(Counter(drops).items())),
+        "alpha_star": search.alpha, "alpha_objective": search.objective,
+        "alpha_search": {"method": search.method, "objective": config.search.objective,
+                         "num_evaluations": len(search.trace)},
+        "reward_scale": config.reward_scale, "length_unit": config.length_unit,
+        "mean_length_gap_before": float(mean_length_gap(lengths, *unshaped)),
+        "mean_length_gap_after": float(mean_length_gap(lengths, chosen, rejected, is_pair)),
+        "objective_at_zero": float(length_gap_objective(
+            np.float32(0.0), reward, lengths, valid, objective=config.search.objective)),
+        "reward_margin_mean": float(np.mean([p["chosen_reward"] - p["rejected_reward"]
+                                             for p in pairs])),
+        "replay": {"gamma": config.gamma, "num_generated": mix.num_generated,
+                   "num_offline": mix.num_offline,
+                   "offline_shortfall": mix.offline_shortfall, "num_rows": len(mixed)},
+    }
+    return RoundData(rows, pairs, mixed, search, stats, before, after, reward, lengths, valid)
+
+
+def _normalise_offline(row: dict[str, Any], index: int) -> dict[str, Any]:
+    """Offline rows in TRL's formats -> prompt / chosen / rejected strings."""
+    for key in ("prompt", "chosen", "rejected"):
+        if key not in row:
+            raise DiceError(f"offline data row {index} has no {key!r} column")
+    out = dict(row)
+    prompt = row["prompt"]
+    if not isinstance(prompt, str):
+        users = [m for m in prompt if m.get("role") == "user"]
+        if len(users) != 1 or any(m.get("role") == "assistant" for m in prompt):
+            raise DiceError(f"offline data row {index}: only single-turn prompts are supported")
+        out["prompt"] = users[0]["content"]
+    for key in ("chosen", "rejected"):
+        value = row[key]
+        if not isinstance(value, str):
+            replies = [m for m in value if m.get("role") == "assistant"]
+            if not replies:
+                raise DiceError(f"offline data row {index}: {key!r} has no assistant message")
+            out[key] = replies[-1]["content"]
+    return out
+
+
+_META = ("prompt_index", "chosen_index", "rejected_index", "chosen_reward", "rejected_reward",
+         "chosen_length", "rejected_length")
+
+
+def _uniform_row(row: dict[str, Any]) -> dict[str, Any]:
+    """Same keys in every D_t row, so `datasets` infers one schema."""
+    out = {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"],
+           "source": row["source"]}
+    out.update({k: row.get(k) for k in _META})
+    return out
