@@ -1,0 +1,1 @@
+"""The DICE run: configuration, run folder and stages, the round loop (Algorithm 1)."""
