@@ -21,7 +21,7 @@ class LoadedModel:
     params: dict
     config: ModelConfig
     tokenizer: Any
-    kind: str  # "hf", "hub", "gguf", "dice", "embedded"
+    kind: str  # "hf", "hub", "gguf", "dice", "embedded", "random"
     path: str
 
 
@@ -60,6 +60,8 @@ def resolve_source(source: str) -> tuple[str, str]:
     """`(kind, path)` for a model source string (see `load_model`)."""
     from dice_jax.checkpoints.orbax_io import is_checkpoint
 
+    if source.startswith("random:"):
+        return "random", source.split(":", 1)[1]
     if source.startswith("embedded:"):
         return "embedded", embedded_gguf_path(source.split(":", 1)[1])
     if os.path.isdir(source):
@@ -85,12 +87,22 @@ def load_model(source: str, shardings: Any | None = None, with_tokenizer: bool =
     """Loads params, config and tokenizer from any supported source.
 
     `source`: an HF folder, a hub id (`org/name`, network needed), a `.gguf` file, a
-    dice-jax checkpoint folder, or `embedded:smollm2`. Params stream onto `shardings`.
+    dice-jax checkpoint folder, `embedded:smollm2`, or `random:PRESET` (seeded random
+    weights with a byte-level tokenizer). Params stream onto `shardings`.
     """
     from dice_jax.checkpoints import gguf_import, hf, orbax_io
 
     kind, path = resolve_source(source)
     tokenizer = None
+    if kind == "random":
+        from dice_jax.checkpoints.random_init import random_model
+
+        try:
+            params, config, tokenizer = random_model(path, shardings=shardings,
+                                                     **config_overrides)
+        except KeyError as e:
+            raise CheckpointError(source, str(e.args[0])) from None
+        return LoadedModel(params, config, tokenizer, kind, source)
     if kind == "hub":
         path = hf.download_hub_model(source)
     if kind in ("hf", "hub"):

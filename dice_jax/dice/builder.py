@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from dice_jax.data import normalise_row
 from dice_jax.dice.alpha_search import AlphaSearchConfig, AlphaSearchResult, search_alpha
 from dice_jax.dice.filters import FilterConfig, valid_responses
 from dice_jax.dice.replay import mix_replay
@@ -133,7 +134,7 @@ def build_round_data(samples: ScoredSamples, offline: list[dict[str, Any]],
             "chosen_reward": float(reward[i, w]), "rejected_reward": float(reward[i, lo]),
             "chosen_length": int(lengths[i, w]), "rejected_length": int(lengths[i, lo]),
         })
-    mix = mix_replay(pairs, [_normalise_offline(row, j) for j, row in enumerate(offline)],
+    mix = mix_replay(pairs, [normalise_row(row, j) for j, row in enumerate(offline)],
                      config.gamma, config.seed)
     mixed = [_uniform_row(row) for row in mix.rows]
     rows = [{"prompt_index": i, "sample_index": k, "prompt": samples.prompts[i],
@@ -165,28 +166,6 @@ def build_round_data(samples: ScoredSamples, offline: list[dict[str, Any]],
                    "offline_shortfall": mix.offline_shortfall, "num_rows": len(mixed)},
     }
     return RoundData(rows, pairs, mixed, search, stats, before, after, reward, lengths, valid)
-
-
-def _normalise_offline(row: dict[str, Any], index: int) -> dict[str, Any]:
-    """Offline rows in TRL's formats -> prompt / chosen / rejected strings."""
-    for key in ("prompt", "chosen", "rejected"):
-        if key not in row:
-            raise DiceError(f"offline data row {index} has no {key!r} column")
-    out = dict(row)
-    prompt = row["prompt"]
-    if not isinstance(prompt, str):
-        users = [m for m in prompt if m.get("role") == "user"]
-        if len(users) != 1 or any(m.get("role") == "assistant" for m in prompt):
-            raise DiceError(f"offline data row {index}: only single-turn prompts are supported")
-        out["prompt"] = users[0]["content"]
-    for key in ("chosen", "rejected"):
-        value = row[key]
-        if not isinstance(value, str):
-            replies = [m for m in value if m.get("role") == "assistant"]
-            if not replies:
-                raise DiceError(f"offline data row {index}: {key!r} has no assistant message")
-            out[key] = replies[-1]["content"]
-    return out
 
 
 _META = ("prompt_index", "chosen_index", "rejected_index", "chosen_reward", "rejected_reward",
