@@ -103,3 +103,17 @@ def param_shardings(config: ModelConfig, mesh: Mesh | None = None,
 def param_shapes(config: ModelConfig) -> Any:
     """`jax.ShapeDtypeStruct` per parameter, unboxed."""
     return nn.unbox(abstract_params(config))
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint on an activation by logical names.
+
+    A no-op unless a mesh is set (`jax.set_mesh`); the rules are flax's active
+    `nn.logical_axis_rules` (default `DEFAULT_RULES`). Unlike flax's own constraint, a
+    dimension the mesh cannot divide is replicated rather than raising.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    rules = nn.get_logical_axis_rules() or DEFAULT_RULES
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, mesh, rules))
