@@ -121,3 +121,30 @@ def test_nothing_half_written(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         write_round_data(data, str(tmp_path / "data"))
     assert os.listdir(tmp_path) == []
+
+
+def test_llm_judge_scores_replace_reward_without_shaping():
+    from dice_jax.dice.llm_judge import judge_prompt, judge_scores, parse_judge_score
+
+    assert parse_judge_score("Solid answer.\nScore: 4") == 4.0
+    assert parse_judge_score("Score: 2 ... on reflection Score: **3**") == 3.0
+    assert parse_judge_score("I give it five points") is None
+    assert parse_judge_score("Score: 7") is None  # outside 0-5
+    assert "User: Why?\n<response>Because.</response>" in judge_prompt("Why?", "Because.")
+    s = _samples(p=3, k=4)
+    texts = [[["Score: 1"], ["Score: 5"], ["Score: 3", "Score: 4"], ["no idea"]],
+             [["Score: 2"]] * 4,
+             [["Score: 0"], ["bad"], ["Score: 5"], ["Score: 5"]]]
+    scores, drops = judge_scores(texts)
+    assert drops == {"unparseable_judgement": 2, "unparseable_score": 2}
+    np.testing.assert_allclose(scores[0, :3], [1, 5, 3.5])
+    data = build_round_data(s, OFFLINE, _config(filters=FilterConfig(min_valid=2)),
+                            judge_scores=scores, judge_drops=drops)
+    assert data.search.alpha == 0.0
+    by_prompt = {p["prompt_index"]: p for p in data.pairs}
+    # (0, 0) is truncated (see _samples), so the worst valid response is index 2.
+    assert (by_prompt[0]["chosen_index"], by_prompt[0]["rejected_index"]) == (1, 2)
+    assert 1 not in by_prompt  # all four scores tie
+    assert (by_prompt[2]["chosen_index"], by_prompt[2]["rejected_index"]) == (2, 0)
+    assert data.stats["drops"]["tied_prompts"] == 1
+    assert data.stats["drops"]["unparseable_score"] == 2 + 2  # judge's count + filter's

@@ -101,23 +101,39 @@ def _pair_gaps(lengths, chosen, rejected, is_pair) -> np.ndarray:
 
 
 def build_round_data(samples: ScoredSamples, offline: list[dict[str, Any]],
-                     config: DiceDataConfig) -> RoundData:
-    """Rewards (Eq. 4), filters, alpha* (Eq. 9), D(alpha*) (Eq. 8 pairs), replay mix."""
+                     config: DiceDataConfig, judge_scores: np.ndarray | None = None,
+                     judge_drops: Counter | None = None) -> RoundData:
+    """Rewards (Eq. 4), filters, alpha* (Eq. 9), D(alpha*) (Eq. 8 pairs), replay mix.
+
+    With `judge_scores [P, K]` (the LLM-as-a-judge baseline) those scores replace the
+    implicit reward and alpha is fixed at 0: no length shaping. NaN scores (unparseable
+    judgements) are dropped and counted.
+    """
     samples.validate()
-    reward = np.asarray(implicit_reward(samples.logp_policy, samples.logp_reference,
-                                        config.beta, scaled=config.reward_scale == "beta"))
+    if judge_scores is None:
+        reward = np.asarray(implicit_reward(samples.logp_policy, samples.logp_reference,
+                                            config.beta, scaled=config.reward_scale == "beta"))
+    else:
+        reward = np.asarray(judge_scores, np.float32)
     char_lengths = np.array([[len(r) for r in row] for row in samples.responses], np.int64)
     lengths = (char_lengths if config.length_unit == "chars"
                else np.asarray(samples.token_counts, np.int64)).astype(np.float32)
     valid, _, drops = valid_responses(samples.finish_reasons, char_lengths, config.filters)
+    drops.update(judge_drops or {})
     finite = np.isfinite(reward)
-    drops["non_finite_reward"] += int(np.sum(valid & ~finite))
+    drops["unparseable_score" if judge_scores is not None else "non_finite_reward"] += int(
+        np.sum(valid & ~finite))
     valid &= finite
     reward = np.where(finite, reward, 0.0).astype(np.float32)
     if not valid.any():
         raise DiceError(f"every response was filtered out (drops: {dict(drops)}); nothing "
                         "to pair. Loosen dice.filters or sample more tokens")
-    search = search_alpha(reward, lengths, valid, config.search)
+    if judge_scores is None:
+        search = search_alpha(reward, lengths, valid, config.search)
+    else:
+        at_zero = float(length_gap_objective(np.float32(0.0), reward, lengths, valid,
+                                             objective=config.search.objective))
+        search = AlphaSearchResult(0.0, at_zero, ((0.0, at_zero),), "none (llm_judge)")
     shaped = np.asarray(length_regularized_reward(reward, lengths, np.float32(search.alpha)))
     chosen, rejected, is_pair = (np.asarray(a) for a in select_pairs(shaped, valid))
     unshaped = select_pairs(reward, valid)
