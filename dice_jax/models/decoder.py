@@ -12,6 +12,13 @@ Parameters form a plain nested dict (see `PARAM_LAYOUT` in `dice_jax.checkpoints
 Layers are stacked along a leading `layers` axis and run with `nn.scan`, so XLA compiles
 one layer whatever the depth. Every parameter and large activation carries logical axis
 names; `dice_jax.sharding` maps them to mesh axes.
+
+For generation the decoder takes an optional KV cache (`init_cache`, `Decoder.extend`): a dict
+of `k` and `v` arrays `[layers, batch, cache_len, kv_heads, head_dim]` (logical axes
+`CACHE_AXES`) that goes through the same `nn.scan` as a scanned input and output, one layer's
+slice per step. The sampler prefills with it; its token-by-token loop uses
+`dice_jax.models.decode` instead (unrolled layers, per-layer cache buffers shared across the
+K samples of a prompt), which is several times faster per step on CPU.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ Array = jax.Array
 _INIT = nn.initializers.normal(stddev=0.02)
 # Finite, so a query that may see no key (a left-pad slot) gives a uniform row, not NaN.
 _MASKED = float(jnp.finfo(jnp.float32).min)
+CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+KVCache = dict  # {"k": Array, "v": Array}, each [layers, batch, cache_len, kv_heads, head_dim]
 
 
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...],
@@ -82,7 +91,12 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: Array, cos: Array, sin: Array, allowed: Array) -> Array:
+    def __call__(self, x: Array, cos: Array, sin: Array, allowed: Array,
+                 cache_index: Array | None = None, cache: KVCache | None = None
+                 ) -> tuple[Array, KVCache | None]:
+        """Without `cache`, attends within `x`. With one layer's `cache` (`[batch, cache_len,
+        kv_heads, head_dim]` each), writes this chunk's keys/values at slot `cache_index`
+        and attends over the whole cache (`allowed` is then `[..., q_len, cache_len]`)."""
         cfg = self.config
         e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q = jnp.einsum("bte,ehd->bthd", x, _param(self, "q_proj", (e, h, d),
@@ -96,9 +110,17 @@ class Attention(nn.Module):
         k = nn.with_logical_constraint(apply_rope(k, cos, sin),
                                        ("batch", "length", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
+        if cache is not None:
+            names = CACHE_AXES[1:]
+            k = nn.with_logical_constraint(jax.lax.dynamic_update_slice_in_dim(
+                cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1), names)
+            v = nn.with_logical_constraint(jax.lax.dynamic_update_slice_in_dim(
+                cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1), names)
+            cache = {"k": k, "v": v}
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
         out = grouped_attention(q, k, v, allowed)
         o_proj = _param(self, "o_proj", (h, d, e), ("heads", "head_dim", "embed"))
-        return jnp.einsum("bthd,hde->bte", out, o_proj)
+        return jnp.einsum("bthd,hde->bte", out, o_proj), cache
 
 
 class MLP(nn.Module):
@@ -119,14 +141,18 @@ class DecoderLayer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: Array, cos: Array, sin: Array, allowed: Array) -> tuple[Array, None]:
+    def __call__(self, x: Array, cos: Array, sin: Array, allowed: Array,
+                 cache_index: Array | None = None, cache: KVCache | None = None
+                 ) -> tuple[Array, KVCache | None]:
         cfg = self.config
         ones = nn.initializers.ones
         norm = _param(self, "attn_norm", (cfg.hidden_size,), ("embed",), ones)
-        x = x + Attention(cfg, name="attn")(rms_norm(x, norm, cfg.rms_norm_eps), cos, sin, allowed)
+        h, cache = Attention(cfg, name="attn")(rms_norm(x, norm, cfg.rms_norm_eps), cos, sin,
+                                               allowed, cache_index, cache)
+        x = x + h
         norm = _param(self, "mlp_norm", (cfg.hidden_size,), ("embed",), ones)
         x = x + MLP(cfg, name="mlp")(rms_norm(x, norm, cfg.rms_norm_eps))
-        return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
+        return nn.with_logical_constraint(x, ("batch", "length", "embed")), cache
 
 
 class Decoder(nn.Module):
@@ -136,7 +162,8 @@ class Decoder(nn.Module):
     attention_mask [batch, length] 0/1)`; returns logits `[batch, length, vocab]` in the
     compute dtype, or with `return_hidden=True` the final normed hidden states
     `[batch, length, embed]` so a caller can project to the vocabulary in chunks
-    (`Decoder.apply(..., method=Decoder.logits)`).
+    (`Decoder.apply(..., method=Decoder.logits)`). `extend` runs new tokens against a KV
+    cache (`Decoder.apply(..., method=Decoder.extend)`).
     """
 
     config: ModelConfig
@@ -147,7 +174,8 @@ class Decoder(nn.Module):
         if cfg.remat:
             layer = nn.remat(layer, prevent_cse=False)
         self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                              in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                              in_axes=(nn.broadcast, nn.broadcast, nn.broadcast,
+                                       nn.broadcast, 0),
                               length=cfg.num_layers,
                               metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
         self.embed = self.param("embed", nn.with_logical_partitioning(_INIT, ("vocab", "embed")),
@@ -169,11 +197,37 @@ class Decoder(nn.Module):
         allowed = attention_allowed(slots, slots, attention_mask, cfg.sliding_window)
         cos, sin = rope_cos_sin(positions, inverse_frequencies(
             cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
-        x, _ = self.layers(x, cos, sin, allowed)
+        x, _ = self.layers(x, cos, sin, allowed, None, None)
         x = rms_norm(x, jnp.asarray(self.final_norm, dtype), cfg.rms_norm_eps)
         if return_hidden:
             return x
         return self.logits(x)
+
+    def extend(self, input_ids: Array, positions: Array, kv_mask: Array, cache: KVCache,
+               cache_index: Array, return_hidden: bool = False) -> tuple[Array, KVCache]:
+        """Runs a chunk of new tokens against a KV cache (prefill, then one token a step).
+
+        input_ids/positions `[batch, q_len]` occupy cache slots `cache_index ..
+        cache_index + q_len - 1` (one slot index for the whole batch: prompts are
+        left-padded). `kv_mask [batch, cache_len]` 0/1 marks the slots that hold real
+        tokens (slots not yet written may be 1: causality hides them). Returns logits
+        `[batch, q_len, vocab]` (or the normed hidden states with `return_hidden`) and the
+        updated cache. Causality and the sliding window are measured in slots, as in
+        `__call__`.
+        """
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        x = jnp.take(jnp.asarray(self.embed, dtype), input_ids, axis=0)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        q_len, cache_len = input_ids.shape[1], kv_mask.shape[1]
+        q_slots = jnp.broadcast_to(cache_index + jnp.arange(q_len)[None], input_ids.shape)
+        k_slots = jnp.broadcast_to(jnp.arange(cache_len)[None], kv_mask.shape)
+        allowed = attention_allowed(q_slots, k_slots, kv_mask, cfg.sliding_window)
+        cos, sin = rope_cos_sin(positions, inverse_frequencies(
+            cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+        x, cache = self.layers(x, cos, sin, allowed, cache_index, cache)
+        x = rms_norm(x, jnp.asarray(self.final_norm, dtype), cfg.rms_norm_eps)
+        return (x if return_hidden else self.logits(x)), cache
 
     def logits(self, hidden: Array) -> Array:
         """Projects normed hidden states `[..., embed]` to logits `[..., vocab]`."""
@@ -184,6 +238,21 @@ class Decoder(nn.Module):
             out = jnp.einsum("...e,ev->...v", hidden, jnp.asarray(self.lm_head, dtype))
         names = ("batch", "length", "vocab")[-out.ndim:] if out.ndim <= 3 else None
         return nn.with_logical_constraint(out, names) if names else out
+
+
+def init_cache(config: ModelConfig, batch: int, cache_len: int,
+               dtype: str | None = None) -> KVCache:
+    """An all-zero KV cache `[layers, batch, cache_len, kv_heads, head_dim]` (`CACHE_AXES`)."""
+    shape = (config.num_layers, batch, cache_len, config.num_kv_heads, config.head_dim)
+    zeros = jnp.zeros(shape, jnp.dtype(dtype or config.dtype))
+    return {"k": zeros, "v": zeros}
+
+
+def cache_bytes(config: ModelConfig, batch: int, cache_len: int, dtype: str | None = None) -> int:
+    """Bytes of a KV cache: batch x length x layers x kv_heads x head_dim x 2 x dtype size."""
+    size = jnp.dtype(dtype or config.dtype).itemsize
+    return (batch * cache_len * config.num_layers * config.num_kv_heads * config.head_dim
+            * 2 * size)
 
 
 def positions_from_mask(attention_mask: Array) -> Array:

@@ -1,0 +1,356 @@
+"""The user-facing sampler: K responses per prompt with their policy log-probs.
+
+`Sampler.sample(prompts)` tokenises (chat template, generation prompt), checks lengths,
+groups prompts by power-of-two length bucket, cuts each bucket into batches that fit the KV
+cache memory budget, runs the jitted `prefill` / `decode` programs of
+`dice_jax.sampling.generate` per batch with a progress bar, and decodes the results. All I/O
+and bookkeeping is here; the math is in `generate` and `distributions`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from tqdm.auto import tqdm
+
+from dice_jax.models.config import ModelConfig
+from dice_jax.models.decode import init_generated
+from dice_jax.models.decoder import cache_bytes
+from dice_jax.sampling.distributions import Distribution
+from dice_jax.sampling.generate import SAMPLING_RULES, Program, chunk_size, decode, prefill
+from dice_jax.sharding import logical_to_spec, param_shardings
+
+log = logging.getLogger("dice_jax.sampling")
+Prompt = str | Sequence[dict] | Sequence[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """Settings of one sampling run.
+
+    `temperature=0` is greedy; `top_k=0` and `top_p=1` are off. `stop_token_ids=None` uses
+    the model's eos ids plus the tokenizer's eos. Prompts longer than `max_prompt_tokens`
+    raise a ValueError naming the prompt, or with `truncate_prompts` keep their last
+    `max_prompt_tokens` tokens (counted and logged). `cache_budget_bytes` bounds the KV cache
+    of one batch (prompt cache + generated cache); `cache_dtype=None` is the model's compute
+    dtype. Prompt lengths are padded to powers of two, at least `min_bucket`.
+    """
+
+    num_samples: int = 1
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] | None = None
+    max_prompt_tokens: int = 1024
+    truncate_prompts: bool = False
+    cache_budget_bytes: int = 2 << 30
+    cache_dtype: str | None = None
+    min_bucket: int = 16
+    max_batch_prompts: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "max_new_tokens", "max_prompt_tokens", "min_bucket"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        _ = self.distribution  # validates temperature / top-k / top-p
+
+    @property
+    def distribution(self) -> Distribution:
+        return Distribution(self.temperature, self.top_k, self.top_p)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One response. `token_ids`/`logprobs` include the stop token when `finish_reason` is
+    "stop" (its log-prob is part of the response's likelihood); `text` does not."""
+
+    prompt_index: int
+    sample_index: int
+    text: str
+    token_ids: np.ndarray  # int32 [length]
+    logprobs: np.ndarray  # float32 [length], log-softmax of the untempered logits
+    finish_reason: str  # "stop" | "length"
+
+    @property
+    def length(self) -> int:
+        return int(self.token_ids.shape[0])
+
+
+@dataclasses.dataclass
+class SamplingResult:
+    samples: list[list[Sample]]  # [prompt][sample]
+    prompt_token_ids: list[list[int]]  # after templating (and truncation)
+    num_truncated: int
+    num_generated_tokens: int
+    seconds: float
+    num_batches: int
+    decode_steps: int  # forward passes of the decode loops, all batches together
+    shapes: list[tuple[int, int]]  # distinct (batch prompts, prompt bucket) run
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def sampling_param_shardings(config: ModelConfig, mesh: Mesh) -> Any:
+    """The sampling placement of params: `param_shardings` without the fsdp split."""
+    return param_shardings(config, mesh, SAMPLING_RULES)
+
+
+class Sampler:
+    """Samples K responses per prompt from a policy.
+
+    `params`/`config` as from `dice_jax.checkpoints.load_model`; `tokenizer` a transformers
+    tokenizer (None: prompts must be token-id lists and `text` is empty). With `mesh`, the
+    params are placed per `sampling_param_shardings` and batches split over `data`/`fsdp`.
+    """
+
+    def __init__(self, params: Any, config: ModelConfig, tokenizer: Any = None,
+                 mesh: Mesh | None = None) -> None:
+        self.config, self.tokenizer, self.mesh = config, tokenizer, mesh
+        self.params = params if mesh is None else jax.device_put(
+            params, sampling_param_shardings(config, mesh))
+        # Generated-token caches donated by one batch and reused by the next of the same
+        # shape within a `sample` call (emptied when the call ends).
+        self._generated: dict[tuple, list[list[dict]]] = {}
+
+    # ------------------------------------------------------------------ tokenising
+    def encode(self, prompt: Prompt, index: int) -> list[int]:
+        """Token ids of one prompt: a string (one user turn), chat messages, or ids as is."""
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise ValueError(f"prompt {index} is empty")
+            messages: Any = [{"role": "user", "content": prompt}]
+        elif isinstance(prompt, (list, tuple, np.ndarray)) and all(
+                isinstance(t, (int, np.integer)) for t in prompt):
+            if len(prompt) == 0:
+                raise ValueError(f"prompt {index} is empty")
+            return [int(t) for t in prompt]
+        else:
+            messages = list(prompt)
+            if not messages:
+                raise ValueError(f"prompt {index} is empty (no messages)")
+        tok = self.tokenizer
+        if tok is None:
+            raise ValueError(f"prompt {index} is text but the sampler has no tokenizer")
+        if getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ids = list(tok(text, add_special_tokens=False)["input_ids"])
+        elif isinstance(prompt, str):
+            ids = list(tok(prompt)["input_ids"])
+        else:
+            raise ValueError(f"prompt {index} is chat messages but the tokenizer has no "
+                             "chat template")
+        bos = tok.bos_token_id
+        if bos is not None and len(ids) >= 2 and ids[0] == ids[1] == bos:
+            ids = ids[1:]  # never a second BOS
+        if not ids:
+            raise ValueError(f"prompt {index} is empty after tokenisation")
+        return ids
+
+    def stop_ids(self, sampling: SamplingConfig) -> tuple[int, ...]:
+        if sampling.stop_token_ids is not None:
+            ids = set(sampling.stop_token_ids)
+        else:
+            ids = set(self.config.eos_token_ids)
+            eos = getattr(self.tokenizer, "eos_token_id", None)
+            if eos is not None:
+                ids.add(int(eos))
+        if not ids:
+            raise ValueError("no stop token ids: set SamplingConfig.stop_token_ids")
+        return tuple(sorted(ids))
+
+    def prepare(self, prompts: Sequence[Prompt], sampling: SamplingConfig
+                ) -> tuple[list[list[int]], int]:
+        """Token ids per prompt, checked against `max_prompt_tokens`; returns the number
+        truncated too."""
+        limit = sampling.max_prompt_tokens
+        out, truncated = [], []
+        for i, prompt in enumerate(prompts):
+            ids = self.encode(prompt, i)
+            if len(ids) > limit:
+                if not sampling.truncate_prompts:
+                    raise ValueError(f"prompt {i} has {len(ids)} tokens, more than "
+                                     f"max_prompt_tokens={limit} (or set truncate_prompts)")
+                ids = ids[-limit:]
+                truncated.append(i)
+            out.append(ids)
+        if truncated:
+            log.warning("left-truncated %d prompt(s) to %d tokens: indices %s",
+                        len(truncated), limit, truncated[:20])
+        return out, len(truncated)
+
+    # ------------------------------------------------------------------ batching
+    def batch_prompts(self, bucket: int, sampling: SamplingConfig) -> int:
+        """How many prompts of padded length `bucket` fit one batch under the budget."""
+        chunk = chunk_size(sampling.max_new_tokens)
+        generated = -(-sampling.max_new_tokens // chunk) * chunk
+        per_prompt = (cache_bytes(self.config, 1, bucket, sampling.cache_dtype)
+                      + cache_bytes(self.config, sampling.num_samples, generated,
+                                    sampling.cache_dtype))
+        fit = sampling.cache_budget_bytes // per_prompt
+        if fit < 1:
+            raise ValueError(f"cache_budget_bytes={sampling.cache_budget_bytes} is below one "
+                             f"prompt's KV cache ({per_prompt} bytes at prompt length "
+                             f"{bucket}, {sampling.num_samples} samples, "
+                             f"{sampling.max_new_tokens} new tokens)")
+        if sampling.max_batch_prompts:
+            fit = min(fit, sampling.max_batch_prompts)
+        return int(fit)
+
+    def plan(self, lengths: Sequence[int], sampling: SamplingConfig
+             ) -> list[tuple[int, int, list[int]]]:
+        """Batches as `(batch_prompts, bucket, prompt indices)`; the batch size is a power of
+        two (then a multiple of the data-parallel size) so few programs compile."""
+        buckets: dict[int, list[int]] = {}
+        for i, n in enumerate(lengths):
+            buckets.setdefault(max(sampling.min_bucket, next_power_of_two(n)), []).append(i)
+        dp = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        step = dp // math.gcd(dp, sampling.num_samples)
+        batches = []
+        for bucket in sorted(buckets):
+            members = buckets[bucket]
+            fit = self.batch_prompts(bucket, sampling)
+            fit = fit // step * step if fit >= step else fit
+            for start in range(0, len(members), fit):
+                chunk = members[start:start + fit]
+                size = min(next_power_of_two(len(chunk)), max(fit, len(chunk)))
+                size = -(-size // step) * step
+                batches.append((size, bucket, chunk))
+        return batches
+
+    # ------------------------------------------------------------------ running
+    def _put(self, x: np.ndarray, names: tuple[str, ...]) -> jax.Array:
+        if self.mesh is None:
+            return jnp.asarray(x)
+        spec = logical_to_spec(names, x.shape, self.mesh, SAMPLING_RULES)
+        return jax.device_put(x, NamedSharding(self.mesh, spec))
+
+    def _generated_cache(self, program: Program, rows: int) -> list[dict]:
+        key = (program, rows)
+        cache = self._generated.pop(key, None)
+        if cache is None:
+            cache = init_generated(self.config, rows, program.max_new_tokens, program.chunk,
+                                   program.cache_dtype)
+            if self.mesh is not None:
+                cache = [[{n: self._put_array(a) for n, a in c.items()} for c in layer]
+                         for layer in cache]
+        return cache
+
+    def _put_array(self, a: jax.Array) -> jax.Array:
+        spec = logical_to_spec(("batch", "kv_heads", "length", "head_dim"), a.shape, self.mesh,
+                               SAMPLING_RULES)
+        return jax.device_put(a, NamedSharding(self.mesh, spec))
+
+    def run_batch(self, token_ids: list[list[int]], indices: list[int], size: int,
+                  bucket: int, program: Program, seed: int, limit: int | None = None
+                  ) -> dict[str, np.ndarray]:
+        """Prefill + decode one batch; rows past `len(indices)` prompts are padding.
+        `limit` caps the new tokens (default `max_new_tokens`)."""
+        ids = np.full((size, bucket), program.pad_id, np.int32)
+        mask = np.zeros((size, bucket), np.int32)
+        for row in range(size):
+            seq = token_ids[indices[min(row, len(indices) - 1)]]
+            ids[row, bucket - len(seq):] = seq
+            mask[row, bucket - len(seq):] = 1
+        prompt_index = np.asarray(indices + [-1] * (size - len(indices)), np.int32)
+        ids_d, mask_d = self._put(ids, ("batch", "length")), self._put(mask, ("batch", "length"))
+        segments, logits = prefill(self.params, ids_d, mask_d, program=program)
+        rows = size * program.num_samples
+        out, generated = decode(self.params, segments, mask_d, logits,
+                                self._put(prompt_index, ("batch",)),
+                                jnp.asarray(seed & 0xFFFFFFFF, jnp.uint32),
+                                self._generated_cache(program, rows),
+                                jnp.int32(limit or program.max_new_tokens), program=program)
+        result = jax.device_get(out)  # the one host transfer of the batch
+        self._generated[(program, rows)] = generated
+        return result
+
+    def program(self, sampling: SamplingConfig) -> Program:
+        """The static description of the jitted programs a run with `sampling` uses."""
+        return Program(self.config, sampling.distribution, sampling.num_samples,
+                       sampling.max_new_tokens, self.stop_ids(sampling), pad_id=self._pad_id(),
+                       chunk=chunk_size(sampling.max_new_tokens),
+                       cache_dtype=sampling.cache_dtype, mesh=self.mesh)
+
+    def compile(self, prompts: Sequence[Prompt], sampling: SamplingConfig | None = None
+                ) -> float:
+        """Compiles every program `sample(prompts, sampling)` will run, by running one
+        sampling step per batch shape; returns the seconds it took."""
+        sampling = sampling or SamplingConfig()
+        start = time.perf_counter()
+        token_ids, _ = self.prepare(prompts, sampling)
+        program = self.program(sampling)
+        done: set[tuple[int, int]] = set()
+        try:
+            for size, bucket, indices in self.plan([len(t) for t in token_ids], sampling):
+                if (size, bucket) not in done:
+                    done.add((size, bucket))
+                    self.run_batch(token_ids, indices, size, bucket, program, 0, limit=1)
+        finally:
+            self._generated.clear()
+        return time.perf_counter() - start
+
+    def sample(self, prompts: Sequence[Prompt], sampling: SamplingConfig | None = None
+               ) -> SamplingResult:
+        """K = `sampling.num_samples` responses for each prompt, in prompt order."""
+        sampling = sampling or SamplingConfig()
+        start = time.perf_counter()
+        token_ids, num_truncated = self.prepare(prompts, sampling)
+        program = self.program(sampling)
+        batches = self.plan([len(t) for t in token_ids], sampling)
+        k = sampling.num_samples
+        samples: list[list[Sample | None]] = [[None] * k for _ in token_ids]
+        generated = steps = 0
+        try:
+            with tqdm(total=len(token_ids) * k, unit="sample", desc="sampling",
+                      disable=not sampling.progress, dynamic_ncols=True) as bar:
+                for size, bucket, indices in batches:
+                    out = self.run_batch(token_ids, indices, size, bucket, program,
+                                         sampling.seed)
+                    generated += self._collect(out, indices, k, samples)
+                    steps += int(out["steps"])
+                    elapsed = time.perf_counter() - start
+                    bar.update(len(indices) * k)
+                    bar.set_postfix(tok_s=f"{generated / elapsed:.0f}", bucket=bucket)
+        finally:
+            self._generated.clear()
+        return SamplingResult(
+            samples=samples, prompt_token_ids=token_ids,  # type: ignore[arg-type]
+            num_truncated=num_truncated, num_generated_tokens=generated,
+            seconds=time.perf_counter() - start, num_batches=len(batches), decode_steps=steps,
+            shapes=sorted({(size, bucket) for size, bucket, _ in batches}))
+
+    def _collect(self, out: dict[str, np.ndarray], indices: list[int], k: int,
+                 samples: list[list[Sample | None]]) -> int:
+        total = 0
+        for b, prompt_index in enumerate(indices):
+            for j in range(k):
+                row = b * k + j
+                n = int(out["lengths"][row])
+                ids = np.asarray(out["tokens"][row, :n], np.int32)
+                text = "" if self.tokenizer is None else self.tokenizer.decode(
+                    ids.tolist(), skip_special_tokens=True).strip()
+                samples[prompt_index][j] = Sample(
+                    prompt_index, j, text, ids, np.asarray(out["logprobs"][row, :n], np.float32),
+                    "stop" if bool(out["stopped"][row]) else "length")
+                total += n
+        return total
+
+    def _pad_id(self) -> int:
+        pad = self.config.pad_token_id
+        if pad is None:
+            pad = getattr(self.tokenizer, "pad_token_id", None)
+        return int(pad) if pad is not None else 0

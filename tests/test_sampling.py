@@ -1,0 +1,248 @@
+"""The sampler on tiny random HF models: greedy parity with transformers, the KV cache,
+stopping, reproducibility, log-probs, input checks and memory batching."""
+
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from helpers import padded_batch, save_hf, tiny_hf_model
+
+from dice_jax.checkpoints.hf import import_hf_folder
+from dice_jax.models.decoder import Decoder, cache_bytes, init_cache, positions_from_mask
+from dice_jax.sampling import Sampler, SamplingConfig
+
+PROMPT_LENGTHS = [12, 7, 3, 9, 20, 5, 16, 1]
+
+
+def prompts(n=4, seed=0, vocab=97):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, size=PROMPT_LENGTHS[i % len(PROMPT_LENGTHS)]).tolist()
+            for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    out = {}
+    for kind, kw in [("llama", dict(initializer_range=0.3)), ("mistral", {})]:
+        model = tiny_hf_model(kind, **kw)
+        folder = save_hf(model, str(tmp_path_factory.mktemp(kind)))
+        params, config = import_hf_folder(folder)
+        out[kind] = (model, params, config)
+    return out
+
+
+def hf_greedy(model, rows, max_new, eos=2, pad=0):
+    """transformers' greedy continuation of each row (left-padded batch), cut after eos."""
+    total = max(map(len, rows))
+    ids = np.full((len(rows), total), pad, np.int64)
+    mask = np.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, total - len(r):] = r
+        mask[i, total - len(r):] = 1
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                             do_sample=False, max_new_tokens=max_new, eos_token_id=eos,
+                             pad_token_id=pad)[:, total:].numpy()
+    result = []
+    for row in out.tolist():
+        result.append(row[:row.index(eos) + 1] if eos in row else row)
+    return result
+
+
+def forward_logprobs(params, config, pairs):
+    """Log-probs of each (prompt, response)'s response tokens under one full forward pass
+    over a right-padded batch."""
+    total = max(len(p) + len(r) for p, r in pairs)
+    ids = np.zeros((len(pairs), total), np.int32)
+    mask = np.zeros_like(ids)
+    for i, (p, r) in enumerate(pairs):
+        ids[i, :len(p) + len(r)] = list(p) + list(r)
+        mask[i, :len(p) + len(r)] = 1
+    logits = jax.jit(lambda i, m: jax.nn.log_softmax(Decoder(config).apply(
+        {"params": params}, i, positions_from_mask(m), m).astype(jnp.float32), axis=-1))(
+        jnp.asarray(ids), jnp.asarray(mask))
+    logits = np.asarray(logits)
+    return [logits[i, np.arange(len(p) - 1, len(p) + len(r) - 1), np.asarray(r)]
+            for i, (p, r) in enumerate(pairs)]
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_greedy_matches_transformers(models, kind):
+    model, params, config = models[kind]
+    rows = prompts(4, seed=1)
+    # 40 new tokens: two decode phases (chunks of 32); mistral's window (5) bites.
+    result = Sampler(params, config).sample(rows, SamplingConfig(
+        num_samples=2, max_new_tokens=40, temperature=0.0, progress=False))
+    ref = hf_greedy(model, rows, 40)
+    for i, expected in enumerate(ref):
+        for sample in result.samples[i]:
+            assert sample.token_ids.tolist() == expected, (i, sample.sample_index)
+            assert sample.finish_reason == ("stop" if expected[-1] == 2 else "length")
+    assert len({tuple(r) for r in ref}) > 1 and max(len(set(r)) for r in ref) > 5
+    if kind == "mistral":  # guard: the sliding window changes these continuations
+        windowless = Sampler(params, config.replace(sliding_window=None)).sample(
+            rows, SamplingConfig(max_new_tokens=40, temperature=0.0, progress=False))
+        assert any(s[0].token_ids.tolist() != r for s, r in zip(windowless.samples, ref))
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_decoder_extend_matches_forward(models, kind):
+    _, params, config = models[kind]
+    ids, mask = padded_batch(config.vocab_size, [12, 7, 3], 12, left=[True] * 3, seed=1)
+    positions = positions_from_mask(jnp.asarray(mask))
+    full = np.asarray(Decoder(config).apply({"params": params}, jnp.asarray(ids), positions,
+                                            jnp.asarray(mask)))
+    cache_mask = jnp.concatenate([jnp.asarray(mask), jnp.ones((3, 4), jnp.int32)], 1)
+    extend = jax.jit(lambda i, p, c, t: Decoder(config).apply(
+        {"params": params}, i, p, cache_mask, c, t, method=Decoder.extend))
+    logits, cache = extend(jnp.asarray(ids[:, :8]), positions[:, :8], init_cache(config, 3, 16),
+                           jnp.int32(0))
+    pieces = [np.asarray(logits)]
+    for t in range(8, 12):  # then one token at a time
+        logits, cache = extend(jnp.asarray(ids[:, t:t + 1]), positions[:, t:t + 1], cache,
+                               jnp.int32(t))
+        pieces.append(np.asarray(logits))
+    real = mask.astype(bool)
+    assert np.max(np.abs(np.concatenate(pieces, 1)[real] - full[real])) <= 1e-4
+
+
+def test_rows_stop_independently(models):
+    _, params, config = models["mistral"]
+    sampler = Sampler(params, config)
+    rows = prompts(4, seed=2)
+    unused = 96
+    for _ in range(3):  # a stop id that greedy never emits here
+        free = sampler.sample(rows, SamplingConfig(max_new_tokens=24, temperature=0.0,
+                                                   stop_token_ids=(unused,), progress=False))
+        full = [s[0].token_ids.tolist() for s in free.samples]
+        seen = {t for f in full for t in f}
+        if unused not in seen:
+            break
+        unused = max(set(range(3, config.vocab_size)) - seen)
+    assert all(len(f) == 24 and unused not in f for f in full)
+    stops = {full[0][3], full[1][9], full[2][1], full[3][6]}
+    stopped = sampler.sample(rows, SamplingConfig(max_new_tokens=24, temperature=0.0,
+                                                  stop_token_ids=tuple(stops), progress=False))
+    lengths = []
+    for (unstopped,), (sample,) in zip(free.samples, stopped.samples):
+        f = unstopped.token_ids.tolist()
+        end = min(i for i, t in enumerate(f) if t in stops) + 1
+        lengths.append(end)
+        assert sample.token_ids.tolist() == f[:end]  # nothing after the stop token
+        assert sample.finish_reason == "stop" and sample.length == end
+        np.testing.assert_allclose(sample.logprobs, unstopped.logprobs[:end], atol=1e-5)
+    assert len(set(lengths)) > 1
+    assert stopped.decode_steps == max(lengths) - 1 < 23  # the loop left early
+
+
+def test_same_samples_whatever_the_batch_size(models):
+    _, params, config = models["llama"]
+    sampler = Sampler(params, config)
+    rows = prompts(8, seed=3)  # lengths 1..20: buckets 16 and 32
+    cfg = SamplingConfig(num_samples=3, max_new_tokens=16, temperature=1.0, top_p=0.9,
+                         top_k=20, seed=7, progress=False)
+    together = sampler.sample(rows, cfg)
+    alone = sampler.sample(rows, dataclasses.replace(cfg, max_batch_prompts=1))
+    assert together.num_batches == 2 and alone.num_batches == 8
+    for a, b in zip(together.samples, alone.samples):
+        for x, y in zip(a, b):
+            assert x.token_ids.tolist() == y.token_ids.tolist()
+            np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-4)
+    texts = [tuple(s.token_ids.tolist()) for group in together.samples for s in group]
+    assert len(set(texts)) > len(texts) // 2  # samples differ from each other
+    other = sampler.sample(rows, dataclasses.replace(cfg, seed=8))
+    assert [s.token_ids.tolist() for g in other.samples for s in g] != [list(t) for t in texts]
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_logprobs_match_full_forward(models, kind):
+    _, params, config = models[kind]
+    rows = prompts(3, seed=4)
+    # Tempered and filtered sampling; the log-probs must still be the untempered policy's.
+    result = Sampler(params, config).sample(rows, SamplingConfig(
+        num_samples=2, max_new_tokens=40, temperature=0.8, top_k=20, seed=1, progress=False))
+    samples = [s for group in result.samples for s in group]
+    refs = forward_logprobs(params, config, [(rows[s.prompt_index], s.token_ids)
+                                             for s in samples])
+    for sample, ref in zip(samples, refs):
+        assert np.max(np.abs(sample.logprobs - ref)) <= 1e-4
+        assert np.all(sample.logprobs <= 0)
+
+
+def test_bfloat16_cache_stays_close(models):
+    _, params, config = models["mistral"]
+    sampler = Sampler(params, config)
+    rows = prompts(3, seed=6)
+    cfg = SamplingConfig(max_new_tokens=8, temperature=0.0, progress=False)
+    f32 = sampler.sample(rows, cfg)
+    bf16 = sampler.sample(rows, dataclasses.replace(cfg, cache_dtype="bfloat16"))
+    for (a,), (b,) in zip(f32.samples, bf16.samples):
+        assert a.token_ids[0] == b.token_ids[0]
+        assert abs(a.logprobs[0] - b.logprobs[0]) < 0.05
+
+
+def test_bad_prompts_are_named(models, caplog):
+    _, params, config = models["llama"]
+    sampler = Sampler(params, config)
+    cfg = SamplingConfig(max_new_tokens=4, max_prompt_tokens=10, progress=False)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        sampler.sample([[5, 6], []], cfg)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        sampler.sample([[5, 6], "  "], cfg)
+    with pytest.raises(ValueError, match=r"prompt 2 has 12 tokens.*max_prompt_tokens=10"):
+        sampler.sample([[5, 6], [7], list(range(3, 15))], cfg)
+    with caplog.at_level(logging.WARNING, logger="dice_jax.sampling"):
+        result = sampler.sample([[5, 6], [7], list(range(3, 15))],
+                                dataclasses.replace(cfg, truncate_prompts=True))
+    assert result.num_truncated == 1 and "left-truncated 1 prompt" in caplog.text
+    assert result.prompt_token_ids[2] == list(range(5, 15))
+    assert [len(g) for g in result.samples] == [1, 1, 1]
+
+
+def test_memory_budget_splits_batches(models):
+    _, params, config = models["mistral"]
+    sampler = Sampler(params, config)
+    rows = [r[:5] for r in prompts(5, seed=5) if r] + [[4, 5, 6]]
+    cfg = SamplingConfig(num_samples=2, max_new_tokens=8, temperature=0.8, progress=False)
+    # One prompt: its 16-slot prompt cache + 2 samples x 32 generated slots (one chunk).
+    per_prompt = cache_bytes(config, 1, 16) + cache_bytes(config, 2, 32)
+    tight = dataclasses.replace(cfg, cache_budget_bytes=2 * per_prompt + 1)
+    assert sampler.batch_prompts(16, tight) == 2
+    assert sampler.compile(rows, tight) > 0  # one step per batch shape
+    small, big = sampler.sample(rows, tight), sampler.sample(rows, cfg)
+    assert small.num_batches == 3 and big.num_batches == 1
+    assert ([s.token_ids.tolist() for g in small.samples for s in g]
+            == [s.token_ids.tolist() for g in big.samples for s in g])
+    with pytest.raises(ValueError, match="cache_budget_bytes=100 is below one prompt"):
+        sampler.sample(rows, dataclasses.replace(cfg, cache_budget_bytes=100))
+
+
+def test_eight_devices_match_one_device(tmp_path):
+    folder = save_hf(tiny_hf_model("llama", initializer_range=0.3), str(tmp_path / "m"))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    script = os.path.join(os.path.dirname(__file__), "sharded_sampling.py")
+    out = subprocess.run([sys.executable, script, folder], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 8
+    single = result["single"]
+    for name in ("data8", "d2f2t2"):
+        run = result[name]
+        assert run["tokens"] == single["tokens"], name
+        for a, b in zip(run["logprobs"], single["logprobs"]):
+            for x, y in zip(a, b):
+                assert np.max(np.abs(np.asarray(x) - np.asarray(y))) <= 1e-4
+    # Sampling placement: no fsdp split of the weights; heads split over `tensor`.
+    assert result["data8"]["q_spec"] == "P(None, None, None, None)"
+    assert result["d2f2t2"]["q_spec"] == "P(None, None, 'tensor', None)"
+    assert result["d2f2t2"]["q_devices"] == 8
