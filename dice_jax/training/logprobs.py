@@ -1,0 +1,109 @@
+"""Response log-probs: one forward pass, the vocabulary projection chunked over length.
+
+`log pi(y|x)` is the SUM of per-token log-probs over the response tokens only (prompt and
+padding masked; the end-of-turn token is a response token). The decoder returns normed
+hidden states; the projection to the vocabulary and the float32 log-softmax then run one
+chunk of `chunk_size` positions at a time inside a `lax.map`, each chunk rematerialised in
+the backward pass, so the full `[batch, length, vocab]` float32 log-softmax never exists.
+A chunk with no response token in any row (all prompt, or all padding) is skipped.
+
+Layout of a pair batch: `input_ids`, `attention_mask`, `loss_mask`, each int `[pairs, 2,
+length]` (index 0 = chosen, 1 = rejected), right-padded. `loss_mask[p, i, t] = 1` when token
+`t` is a response token (so it is scored by the logits at position `t - 1`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from dice_jax.models.config import ModelConfig
+from dice_jax.models.decoder import Decoder, positions_from_mask
+
+Array = jax.Array
+DEFAULT_CHUNK = 128
+
+
+def _chunk_token_logps(params: Any, config: ModelConfig, hidden: Array, targets: Array,
+                       mask: Array) -> Array:
+    """Log-probs `[batch, chunk]` float32 of `targets` under the logits of `hidden`.
+
+    `hidden [batch, chunk, embed]`, `targets`/`mask` int `[batch, chunk]`. The target logit
+    is picked with a compare-and-sum (no gather), which stays local under a vocab-sharded
+    mesh. Zero where `mask` is 0.
+    """
+
+    def compute(_: None) -> Array:
+        logits = Decoder(config).apply({"params": params}, hidden, method=Decoder.logits)
+        logits = logits.astype(jnp.float32)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+        picked = jnp.sum(jnp.where(vocab == targets[..., None], logits, 0.0), axis=-1)
+        return jnp.where(mask > 0, picked - lse, 0.0)
+
+    def skip(_: None) -> Array:
+        return jnp.zeros(targets.shape, jnp.float32)
+
+    return jax.lax.cond(jnp.any(mask > 0), compute, skip, None)
+
+
+def token_logprobs(params: Any, config: ModelConfig, hidden: Array, targets: Array,
+                   mask: Array, chunk_size: int = DEFAULT_CHUNK) -> Array:
+    """Per-token log-probs float32 `[batch, length]` from hidden states `[batch, length,
+    embed]`; `targets`/`mask` int `[batch, length]` are aligned with `hidden` (position `t`
+    scores `targets[:, t]`). Computed `chunk_size` positions at a time."""
+    b, length, e = hidden.shape
+    chunk = max(1, min(chunk_size, length))
+    n = -(-length // chunk)
+    pad = n * chunk - length
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+        mask = jnp.pad(mask, ((0, 0), (0, pad)))
+    hs = hidden.reshape(b, n, chunk, e).swapaxes(0, 1)
+    ts = targets.reshape(b, n, chunk).swapaxes(0, 1)
+    ms = mask.reshape(b, n, chunk).swapaxes(0, 1)
+    body = jax.checkpoint(lambda xs: _chunk_token_logps(params, config, *xs))
+    out = jax.lax.map(body, (hs, ts, ms))  # [n, batch, chunk]
+    return out.swapaxes(0, 1).reshape(b, n * chunk)[:, :length]
+
+
+def sequence_logprobs(params: Any, config: ModelConfig, input_ids: Array,
+                      attention_mask: Array, loss_mask: Array,
+                      chunk_size: int = DEFAULT_CHUNK) -> tuple[Array, Array]:
+    """Summed response log-probs float32 `[batch]` and response token counts int32 `[batch]`.
+
+    `input_ids`, `attention_mask`, `loss_mask`: int `[batch, length]` (see module doc).
+    """
+    positions = positions_from_mask(attention_mask)
+    hidden = Decoder(config).apply({"params": params}, input_ids, positions, attention_mask,
+                                   return_hidden=True)
+    # Position t predicts token t + 1: shift the targets left; the last position scores nothing.
+    targets = jnp.pad(input_ids[:, 1:], ((0, 0), (0, 1)))
+    mask = jnp.pad((loss_mask[:, 1:] * attention_mask[:, 1:]), ((0, 0), (0, 1)))
+    per_token = token_logprobs(params, config, hidden, targets, mask, chunk_size)
+    return jnp.sum(per_token, axis=-1), jnp.sum(mask, axis=-1).astype(jnp.int32)
+
+
+def pair_logprobs(params: Any, config: ModelConfig, batch: dict[str, Array],
+                  chunk_size: int = DEFAULT_CHUNK) -> tuple[Array, Array]:
+    """Chosen and rejected in ONE forward pass: `(logps [pairs, 2], counts [pairs, 2])`.
+
+    `batch` holds `input_ids`, `attention_mask`, `loss_mask` int `[pairs, 2, length]`; the
+    pair axis and the chosen/rejected axis are merged into one batch axis of `2 * pairs`.
+    """
+    p, two, length = batch["input_ids"].shape
+    flat = [batch[k].reshape(p * two, length)
+            for k in ("input_ids", "attention_mask", "loss_mask")]
+    logps, counts = sequence_logprobs(params, config, *flat, chunk_size=chunk_size)
+    return logps.reshape(p, two), counts.reshape(p, two)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "chunk_size"))
+def pair_logprobs_jit(params: Any, batch: dict[str, Array], config: ModelConfig,
+                      chunk_size: int = DEFAULT_CHUNK) -> tuple[Array, Array]:
+    """`pair_logprobs` jitted (config and chunk size static), for evaluation and caching."""
+    return pair_logprobs(params, config, batch, chunk_size)
