@@ -69,15 +69,18 @@ def load_preference_data(source: str, split: str = "train", max_rows: int | None
     """Loads and normalises D_offline.
 
     `source`: `builtin:NAME` (shipped with dice-jax), a `.jsonl` / `.json` / `.parquet`
-    file, or a hub data set id (network needed). `max_rows` takes a seeded random subset
+    file, a hub data set id (network needed), or `synthetic:N` (N seeded toy pairs for
+    smoke tests). `max_rows` takes a seeded random subset
     (the paper's 10k UltraFeedback subset).
     """
-    if source.startswith("builtin:"):
+    if source.startswith("synthetic:"):
+        rows = synthetic_preferences(_count(source), seed)
+    elif source.startswith("builtin:"):
         name = source.split(":", 1)[1]
         path = os.path.join(BUILTIN_DIR, f"{name}.jsonl")
         if not os.path.isfile(path):
-            known = sorted(f[:-6] for f in os.listdir(BUILTIN_DIR)) if os.path.isdir(
-                BUILTIN_DIR) else []
+            names = os.listdir(BUILTIN_DIR) if os.path.isdir(BUILTIN_DIR) else []
+            known = sorted(f[:-6] for f in names if f.endswith(".jsonl"))
             raise DiceError(f"{source}: no such built-in data set; known: {known}")
         rows = _read_local(path)
     elif os.path.exists(source) or source.endswith((".jsonl", ".json", ".parquet")):
@@ -96,6 +99,35 @@ def load_preference_data(source: str, split: str = "train", max_rows: int | None
         keep = np.sort(np.random.default_rng(seed).permutation(len(rows))[:max_rows])
         rows = [rows[i] for i in keep]
     return [normalise_row(r, i, source) for i, r in enumerate(rows)]
+
+
+_TOPICS = ("rivers", "bees", "clocks", "bread", "comets", "maps", "violins", "glaciers",
+           "lanterns", "owls", "bridges", "tea", "volcanoes", "kites", "coral", "salt")
+_STYLES = ("short", "cheerful", "formal", "simple", "vivid", "calm")
+
+
+def _count(source: str) -> int:
+    text = source.split(":", 1)[1]
+    if not text.isdigit() or int(text) < 1:
+        raise DiceError(f"{source}: expected synthetic:N with N >= 1")
+    return int(text)
+
+
+def synthetic_preferences(num: int, seed: int) -> list[dict[str, Any]]:
+    """`num` toy pairs with distinct prompts: the chosen reply is a plain sentence on the
+    topic, the rejected one rambles. For smoke tests of the pipeline, not for learning."""
+    rng = np.random.default_rng([seed, num])
+    rows = []
+    for i in range(num):
+        topic = _TOPICS[i % len(_TOPICS)]
+        style = _STYLES[int(rng.integers(len(_STYLES)))]
+        rows.append({
+            "prompt": f"Write a {style} sentence about {topic} (#{i}).",
+            "chosen": f"Here is a {style} sentence: {topic} are worth a closer look.",
+            "rejected": f"Well, {topic}, {topic}, and more {topic}: " + " ".join(
+                rng.choice(list(_TOPICS), size=6)),
+        })
+    return rows
 
 
 def split_holdout(rows: list[dict[str, Any]], num_eval: int,
