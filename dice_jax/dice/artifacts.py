@@ -35,23 +35,28 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
 def write_round_data(data: RoundData, destination: str) -> str:
     """Writes `destination/` (must not exist) with all files of the stage, or nothing."""
     with atomic_directory(destination) as tmp:
-        write_jsonl(os.path.join(tmp, SAMPLES_FILE), data.samples)
-        write_jsonl(os.path.join(tmp, PAIRS_FILE), data.pairs)
-        write_jsonl(os.path.join(tmp, MIXED_FILE), data.mixed)
-        unit = data.stats["length_unit"]
-        plot_length_gap(data.gaps_before, data.gaps_after, data.search.alpha, unit,
-                        os.path.join(tmp, "length_gap.png"))
-        name = data.stats["alpha_search"]["objective"]
-
-        def objective(alpha: float) -> float:
-            return float(length_gap_objective(np.float32(alpha), data.reward, data.lengths,
-                                              data.valid, objective=name))
-
-        plot_alpha_landscape(objective, list(data.search.trace), data.search.alpha, name,
-                             data.search.method, os.path.join(tmp, "alpha_search.png"))
-        stats = dict(data.stats, alpha_trace=[list(t) for t in data.search.trace])
-        write_json(os.path.join(tmp, STATS_FILE), _json_safe(stats))
+        write_round_files(data, tmp)
     return destination
+
+
+def write_round_files(data: RoundData, folder: str) -> None:
+    """Writes the data stage's files into an existing (temporary) `folder`."""
+    write_jsonl(os.path.join(folder, SAMPLES_FILE), data.samples)
+    write_jsonl(os.path.join(folder, PAIRS_FILE), data.pairs)
+    write_jsonl(os.path.join(folder, MIXED_FILE), data.mixed)
+    unit = data.stats["length_unit"]
+    plot_length_gap(data.gaps_before, data.gaps_after, data.search.alpha, unit,
+                    os.path.join(folder, "length_gap.png"))
+    name = data.stats["alpha_search"]["objective"]
+
+    def objective(alpha: float) -> float:
+        return float(length_gap_objective(np.float32(alpha), data.reward, data.lengths,
+                                          data.valid, objective=name))
+
+    plot_alpha_landscape(objective, list(data.search.trace), data.search.alpha, name,
+                         data.search.method, os.path.join(folder, "alpha_search.png"))
+    stats = dict(data.stats, alpha_trace=[list(t) for t in data.search.trace])
+    write_json(os.path.join(folder, STATS_FILE), _json_safe(stats))
 
 
 def _json_safe(obj: Any) -> Any:

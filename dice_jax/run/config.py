@@ -75,6 +75,9 @@ def default_config() -> mlc.ConfigDict:
     c.dice.gamma = 0.5
     c.dice.filters = mlc.ConfigDict({"drop_truncated": True, "min_chars": 3,
                                      "max_chars": 6700, "min_valid": 8})
+    c.dice.reuse_sampler_logps = True         # log pi from the sampler (tests show equality)
+    c.dice.score_batch_size = 32              # sequences per reference forward
+    c.dice.judge_max_new_tokens = 256         # llm_judge baseline: tokens per rating
     c.dice.search = mlc.ConfigDict({"method": "random", "objective": "mean_abs",
                                     "alpha_min": 0.0, "alpha_max": _optional(float),
                                     "grid_step": _optional(float), "num_trials": 64})
@@ -94,6 +97,15 @@ def default_config() -> mlc.ConfigDict:
     c.train.save_every = 50
     c.train.weight_decay = 0.0
     c.train.max_grad_norm = 1.0
+
+    c.eval = mlc.ConfigDict()
+    c.eval.enabled = True                     # evaluate the start model and every round
+    c.eval.prompts = "builtin:eval"           # builtin:eval (verifiable judge) or a JSONL file
+    c.eval.num_prompts = 256
+    c.eval.seed = 0
+    c.eval.max_new_tokens = 1024
+    c.eval.greedy = True                      # greedy responses
+    c.eval.sampled = True                     # one response with the sampling settings
     return c
 
 
@@ -108,6 +120,9 @@ def validate(config: mlc.ConfigDict, device_count: int | None = None) -> None:
     _check(c.method in METHODS, "method", f"{c.method!r} is not one of {METHODS}")
     _check(c.rounds >= 0, "rounds", f"{c.rounds} must be >= 0")
     _check(c.rounds > 0 or c.round0, "rounds", "0 rounds and no round0: nothing to do")
+    _check(c.method != "dice" or c.round0 or c.model.reference is not None,
+           "model.reference", "DICE scores round 1 with pi_ref(0): set model.reference (the "
+           "model the start policy was DPO-tuned from) or round0=True")
     _check(c.model.dtype in ("float32", "bfloat16"), "model.dtype", f"{c.model.dtype!r}")
     _check(c.model.param_dtype in ("float32", "bfloat16"), "model.param_dtype",
            f"{c.model.param_dtype!r}")
@@ -124,6 +139,8 @@ def validate(config: mlc.ConfigDict, device_count: int | None = None) -> None:
            f"{c.dice.reward_scale!r} is not 'beta' or 'none'")
     _check(c.dice.length_unit in ("chars", "tokens"), "dice.length_unit",
            f"{c.dice.length_unit!r} is not 'chars' or 'tokens'")
+    _check(c.dice.score_batch_size >= 1, "dice.score_batch_size", "must be >= 1")
+    _check(c.dice.judge_max_new_tokens >= 1, "dice.judge_max_new_tokens", "must be >= 1")
     f = c.dice.filters
     _check(2 <= f.min_valid <= c.sampling.num_samples, "dice.filters.min_valid",
            f"{f.min_valid} must lie in [2, K={c.sampling.num_samples}]")
@@ -135,6 +152,11 @@ def validate(config: mlc.ConfigDict, device_count: int | None = None) -> None:
     _check(s.alpha_max is None or s.alpha_max > s.alpha_min, "dice.search.alpha_max",
            "must exceed alpha_min")
     _check(s.num_trials >= 1, "dice.search.num_trials", "must be >= 1")
+    e = c.eval
+    _check(e.num_prompts >= 1, "eval.num_prompts", "must be >= 1")
+    _check(e.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
+    _check(e.greedy or e.sampled or not e.enabled, "eval.greedy",
+           "eval is enabled but neither greedy nor sampled is on")
     t = c.train
     _check(t.loss_type in LOSSES, "train.loss_type", f"{t.loss_type!r} is not one of {LOSSES}")
     _check(t.beta > 0, "train.beta", f"{t.beta} must be > 0")

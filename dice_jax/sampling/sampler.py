@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from dice_jax.models.config import ModelConfig
 from dice_jax.models.decode import init_generated
 from dice_jax.models.decoder import cache_bytes
+from dice_jax.progress import bar_disabled
 from dice_jax.sampling.distributions import Distribution
 from dice_jax.sampling.generate import SAMPLING_RULES, Program, chunk_size, decode, prefill
 from dice_jax.sharding import logical_to_spec, param_shardings
@@ -316,7 +317,7 @@ class Sampler:
         generated = steps = 0
         try:
             with tqdm(total=len(token_ids) * k, unit="sample", desc="sampling",
-                      disable=not sampling.progress, dynamic_ncols=True) as bar:
+                      disable=bar_disabled(sampling.progress), dynamic_ncols=True) as bar:
                 for size, bucket, indices in batches:
                     out = self.run_batch(token_ids, indices, size, bucket, program,
                                          sampling.seed)

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from dice_jax.errors import DiceError
 from dice_jax.models.config import ModelConfig
+from dice_jax.progress import bar_disabled
 from dice_jax.sharding import DEFAULT_RULES, Rules, make_mesh
 from dice_jax.training.config import TrainConfig
 from dice_jax.training.data import PairArrays, PairSampler
@@ -101,7 +102,7 @@ def compute_reference_logps(logps_fn: Callable, params: Any, data: PairArrays,
     """Summed reference log-probs float32 `[pairs, 2]` of every pair (one forward each)."""
     out = np.zeros((len(data), 2), np.float32)
     for idx, real in tqdm(padded_batches(data, batch_size), desc="reference log-probs",
-                          leave=False, disable=not progress):
+                          leave=False, disable=bar_disabled(progress)):
         logps, _ = logps_fn(params, put(data.take(idx).as_dict()))
         out[idx[:real]] = np.asarray(jax.device_get(logps))[:real]
     return out
@@ -257,14 +258,19 @@ class DPOTrainer:
         with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
 
-    def train(self, until_step: int | None = None) -> list[dict[str, float]]:
+    def train(self, until_step: int | None = None,
+              on_step: Callable[[dict[str, float]], None] | None = None
+              ) -> list[dict[str, float]]:
         """Runs optimizer steps up to `max_steps` (or `until_step`, which stops WITHOUT a
-        final checkpoint, as a killed run would). Returns one metrics dict per step run."""
+        final checkpoint, as a killed run would). Returns one metrics dict per step run.
+        `on_step(record)` is called after each step's record is written (and after the
+        step's checkpoint, when one is due)."""
         cfg = self.cfg
         start = int(self.state.step)
         end = min(cfg.max_steps, until_step if until_step is not None else cfg.max_steps)
         history = []
-        bar = tqdm(total=cfg.max_steps, initial=start, desc="dpo", disable=not self.progress)
+        bar = tqdm(total=cfg.max_steps, initial=start, desc="dpo",
+                   disable=bar_disabled(self.progress))
         try:
             for step in range(start, end):
                 batch, tokens = self._train_batch(step)
@@ -286,6 +292,8 @@ class DPOTrainer:
                     self.save()
                 history.append(record)
                 self._write_metrics(record)
+                if on_step is not None:
+                    on_step(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}",
                                 acc=f"{record['rewards/accuracies']:.2f}",

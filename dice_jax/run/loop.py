@@ -1,0 +1,200 @@
+"""Algorithm 1: the round loop of a DICE run (and of the paper's baselines).
+
+    start/eval                         the start model, judged before any training
+    round_0/{train,eval}               optional offline DPO on D_offline (round0=True)
+    round_t/sample                     K samples per prompt from pi_theta(t-1)
+    round_t/score | round_t/judge      implicit reward (DICE) or the policy's own ratings
+    round_t/data                       alpha*, D(alpha*), replay mix -> D_t
+    round_t/train                      DPO from pi_theta(t-1) with reference pi_theta(t-1)
+    round_t/{eval,report[,export]}     judge, Markdown report, optional HF folder
+    export                             the final policy as an HF folder
+    summary.md                         Table-1-shaped summary of every evaluated model
+
+The baselines skip sampling: `offline_dpo` trains every round on D_offline with the
+original reference pi_ref(0); `offline_dpo_new_ref` does the same with pi_theta(t-1) as the
+reference. Every stage is skipped when the manifest says it is complete, so running the
+same command again resumes a killed run at its first incomplete stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import ml_collections as mlc
+
+from dice_jax.checkpoints.hf import export_hf_folder
+from dice_jax.data import load_preference_data
+from dice_jax.evaluate import evaluate_with_config
+from dice_jax.run import stages
+from dice_jax.run.folder import RunFolder
+from dice_jax.run.models import RoundModels
+from dice_jax.run.round_report import write_round_report
+from dice_jax.sharding import make_mesh
+
+log = logging.getLogger("dice_jax.run")
+
+
+class DiceRun:
+    """One run folder's rounds. `run()` does whatever is not complete yet."""
+
+    def __init__(self, config: mlc.ConfigDict, progress: bool = True) -> None:
+        self.config, self.progress = config, progress
+        self.mesh = make_mesh(dict(config.mesh))
+        self.folder = RunFolder(config.run_dir, config.to_dict())
+        self.models = RoundModels(config, self.folder, self.mesh)
+        self._offline: list[dict[str, Any]] | None = None
+
+    # ------------------------------------------------------------------ inputs
+    @property
+    def offline(self) -> list[dict[str, Any]]:
+        if self._offline is None:
+            d = self.config.data
+            self._offline = load_preference_data(d.offline, d.offline_split, d.max_prompts,
+                                                 self.config.seed)
+            log.info("D_offline: %d pairs, %d prompts from %s", len(self._offline),
+                     len(stages.unique_prompts(self._offline)), d.offline)
+        return self._offline
+
+    def round_seed(self, t: int) -> int:
+        """Each round's seed for sampling, data order and search: distinct, reproducible."""
+        return self.config.seed * 1000 + t
+
+    # ------------------------------------------------------------------ stages
+    def _stage(self, name: str, work: Any, resumable: bool = False) -> str:
+        if not self.folder.is_complete(name):
+            log.info("stage %s", name)
+        return self.folder.run_stage(name, work, resumable=resumable)
+
+    def _eval(self, name: str, source: str) -> None:
+        if not self.config.eval.enabled:
+            return
+
+        def work(folder: str) -> dict[str, Any]:
+            self.models.ensure_loaded()
+            metrics = evaluate_with_config(self.models.load(source), self.models.model_config,
+                                           self.models.tokenizer, self.config, folder,
+                                           mesh=self.mesh, generator_name=f"dice-jax:{name}")
+            return {mode: metrics[mode] for mode in ("greedy", "sampled") if metrics.get(mode)}
+
+        self._stage(f"{name}/eval", work)
+
+    def _train(self, t: int, rows_of: Any, reference_source: str | None) -> None:
+        """DPO for round t from pi_theta(t-1); `reference_source=None`: pi_theta(t-1)."""
+        name = f"round_{t}/train"
+        init = self.models.policy_source(t - 1) if t > 0 else self.config.model.policy
+        cfg = stages.train_config(self.config, self.round_seed(t))
+        trained: dict[str, Any] = {}
+
+        def work(folder: str) -> dict[str, Any]:
+            self.models.ensure_loaded()
+            params = self.models.load(init)
+            reference = None if reference_source in (None, init) else self.models.load(
+                reference_source)
+            out, info = stages.train_stage(
+                folder, name, rows_of(), params, self.models.model_config,
+                self.models.tokenizer, cfg, self.mesh, self.config.data.eval_pairs,
+                reference_params=reference, reference_id=reference_source or init,
+                progress=self.progress)
+            trained["params"] = out
+            return info
+
+        self._stage(name, work, resumable=True)
+        if trained.get("params") is not None:
+            self.models.remember(self.models.trained_policy(t), trained["params"])
+
+    def _round_zero(self) -> None:
+        self._train(0, lambda: self.offline, self.models.reference_source(0))
+        self._eval("round_0", self.models.policy_source(0))
+
+    def _dice_round(self, t: int) -> None:
+        c = self.config
+        sample_name, score_name = f"round_{t}/sample", f"round_{t}/score"
+        judge_name, data_name = f"round_{t}/judge", f"round_{t}/data"
+        policy, reference = self.models.policy_source(t - 1), self.models.reference_source(t - 1)
+        seed = self.round_seed(t)
+
+        def sample(folder: str) -> dict[str, Any]:
+            self.models.ensure_loaded()
+            return stages.sample_stage(folder, sample_name, self.models.load(policy),
+                                       self.models.model_config, self.models.tokenizer,
+                                       stages.unique_prompts(self.offline),
+                                       stages.sampling_config(c, seed), self.mesh)
+
+        sample_dir = self._stage(sample_name, sample)
+        judge = None
+        if c.method == "llm_judge":
+            def rate(folder: str) -> dict[str, Any]:
+                self.models.ensure_loaded()
+                return stages.judge_stage(folder, judge_name, sample_dir,
+                                          self.models.load(policy), self.models.model_config,
+                                          self.models.tokenizer, self.mesh, seed,
+                                          c.dice.judge_max_new_tokens,
+                                          c.sampling.cache_budget_gb)
+
+            judge = stages.read_judge_scores(self._stage(judge_name, rate))
+
+        def score(folder: str) -> dict[str, Any]:
+            self.models.ensure_loaded()
+            policy_params = None if c.dice.reuse_sampler_logps else self.models.load(policy)
+            return stages.score_stage(folder, score_name, sample_dir,
+                                      self.models.model_config, policy_params,
+                                      self.models.load(reference), self.mesh,
+                                      c.dice.reuse_sampler_logps, c.dice.score_batch_size)
+
+        score_dir = self._stage(score_name, score)
+
+        def build(folder: str) -> dict[str, Any]:
+            scored, _ = stages.read_scored(sample_dir, score_dir)
+            return stages.data_stage(folder, scored, self.offline,
+                                     stages.dice_data_config(c, seed), judge)
+
+        data_dir = self._stage(data_name, build)
+        self._train(t, lambda: stages.read_mixed(data_dir), None)
+
+    def _finish_round(self, t: int) -> None:
+        self._eval(f"round_{t}", self.models.policy_source(t))
+        self._stage(f"round_{t}/report", lambda folder: {"report": write_round_report(
+            self.folder.root, t, folder, self.config.method)})
+        if self.config.export_hf_each_round:
+            self._export(f"round_{t}/export", self.models.policy_source(t))
+
+    def _export(self, name: str, source: str) -> None:
+        def work(folder: str) -> dict[str, Any]:
+            self.models.ensure_loaded()
+            path = export_hf_folder(jax.device_get(self.models.load(source)),
+                                    self.models.model_config, os.path.join(folder, "hf"),
+                                    self.models.tokenizer)
+            return {"hf_folder": path.replace(folder, self.folder.path(name))}
+
+        self._stage(name, work)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> str:
+        """Runs every incomplete stage; returns the run folder."""
+        c = self.config
+        self._eval("start", c.model.policy)
+        if c.round0:
+            self._round_zero()
+        for t in range(1, c.rounds + 1):
+            if c.method in ("dice", "llm_judge"):
+                self._dice_round(t)
+            elif c.method == "offline_dpo":
+                self._train(t, lambda: self.offline, self.models.reference_source(0))
+            else:  # offline_dpo_new_ref: the same data, pi_theta(t-1) as the reference
+                self._train(t, lambda: self.offline, None)
+            self._finish_round(t)
+        last = c.rounds if c.rounds else 0
+        self._export("export", self.models.policy_source(last))
+        self._summary()
+        return self.folder.root
+
+    def _summary(self) -> None:
+        """`RUN_DIR/summary.md` (+ PNGs): every evaluated model of the run in Table 1's
+        shape; `python -m dice_jax.report RUN_A RUN_B ...` compares several runs."""
+        from dice_jax.report import write_report
+
+        if self.config.eval.enabled:
+            write_report([self.folder.root], os.path.join(self.folder.root, "summary.md"))

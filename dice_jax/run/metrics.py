@@ -1,0 +1,59 @@
+"""Training metrics of a run: JSONL (one object per step) and TensorBoard event files.
+
+Metric names are TRL's (`loss`, `rewards/chosen`, `rewards/margins`, ...), so curves from
+dice-jax and from a TRL run can be overlaid. TensorBoard files are written with
+`tensorboardX` (no TensorFlow needed); `tensorboard --logdir RUN_DIR` shows every round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from tensorboardX import SummaryWriter
+
+
+class MetricsWriter:
+    """Appends step records to `folder/metrics.jsonl` (unless `jsonl=False`: the trainer
+    writes its own) and `folder/tensorboard/`.
+
+    `prefix` (e.g. "round_1") is put before every TensorBoard tag so that the rounds of a
+    run are separate curves. A resumed stage appends; the steps it repeats are not
+    repeated in the file because a restarted trainer starts after its last checkpoint.
+    """
+
+    def __init__(self, folder: str, prefix: str = "", jsonl: bool = True) -> None:
+        os.makedirs(folder, exist_ok=True)
+        self.path = os.path.join(folder, "metrics.jsonl") if jsonl else None
+        self.prefix = prefix.rstrip("/")
+        self._tb = SummaryWriter(os.path.join(folder, "tensorboard"), flush_secs=10)
+
+    def write(self, record: dict[str, Any]) -> None:
+        step = int(record["step"])
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+        for name, value in record.items():
+            if name != "step" and isinstance(value, int | float):
+                tag = f"{self.prefix}/{name}" if self.prefix else name
+                self._tb.add_scalar(tag, float(value), step)
+
+    def close(self) -> None:
+        self._tb.flush()
+        self._tb.close()
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """The records of a `metrics.jsonl` (missing file: none); a torn last line (killed
+    while writing) is skipped."""
+    if not os.path.isfile(path):
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
