@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--logits-chunk", type=int, default=128)
+    parser.add_argument("--logits-chunk", type=int, default=TrainConfig.logits_chunk)
     parser.add_argument("--skip-torch", action="store_true")
     args = parser.parse_args(argv)
 

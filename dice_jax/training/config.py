@@ -39,7 +39,7 @@ class TrainConfig:
     max_prompt_length: int = 2048
     truncation_mode: str = "keep_end"   # keep_end: drop the prompt's START (TRL default)
     pad_to_multiple: int = 64           # sequences padded to a multiple (fewer shapes)
-    logits_chunk: int = 128             # positions per vocabulary-projection chunk
+    logits_chunk: int = 64              # scored positions per vocabulary-projection chunk
     eval_every: int = 20                # 0: never
     save_every: int = 50                # 0: only at the end
     keep_checkpoints: int = 2

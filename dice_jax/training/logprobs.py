@@ -5,7 +5,9 @@ padding masked; the end-of-turn token is a response token). The decoder returns 
 hidden states; the projection to the vocabulary and the float32 log-softmax then run one
 chunk of `chunk_size` positions at a time inside a `lax.map`, each chunk rematerialised in
 the backward pass, so the full `[batch, length, vocab]` float32 log-softmax never exists.
-A chunk with no response token in any row (all prompt, or all padding) is skipped.
+The scored positions of each row are gathered to its front first, so the chunks computed
+are those the batch's longest response needs; a chunk with no response token in any row is
+skipped.
 
 Layout of a pair batch: `input_ids`, `attention_mask`, `loss_mask`, each int `[pairs, 2,
 length]` (index 0 = chosen, 1 = rejected), right-padded. `loss_mask[p, i, t] = 1` when token
@@ -54,8 +56,16 @@ def token_logprobs(params: Any, config: ModelConfig, hidden: Array, targets: Arr
                    mask: Array, chunk_size: int = DEFAULT_CHUNK) -> Array:
     """Per-token log-probs float32 `[batch, length]` from hidden states `[batch, length,
     embed]`; `targets`/`mask` int `[batch, length]` are aligned with `hidden` (position `t`
-    scores `targets[:, t]`). Computed `chunk_size` positions at a time."""
+    scores `targets[:, t]`). Computed `chunk_size` positions at a time, over the masked
+    positions only: they are moved to the front of each row first, and chunks where no row
+    has one are skipped."""
     b, length, e = hidden.shape
+    # Scored positions first (a stable sort keeps their order), so that every chunk past a
+    # batch's longest response is skipped whatever the prompt lengths; undone at the end.
+    order = jnp.argsort((mask <= 0).astype(jnp.int32), axis=-1, stable=True)
+    hidden = jnp.take_along_axis(hidden, order[..., None], axis=1)
+    targets = jnp.take_along_axis(targets, order, axis=1)
+    mask = jnp.take_along_axis(mask, order, axis=1)
     chunk = max(1, min(chunk_size, length))
     n = -(-length // chunk)
     pad = n * chunk - length
@@ -68,7 +78,8 @@ def token_logprobs(params: Any, config: ModelConfig, hidden: Array, targets: Arr
     ms = mask.reshape(b, n, chunk).swapaxes(0, 1)
     body = jax.checkpoint(lambda xs: _chunk_token_logps(params, config, *xs))
     out = jax.lax.map(body, (hs, ts, ms))  # [n, batch, chunk]
-    return out.swapaxes(0, 1).reshape(b, n * chunk)[:, :length]
+    out = out.swapaxes(0, 1).reshape(b, n * chunk)[:, :length]
+    return jnp.take_along_axis(out, jnp.argsort(order, axis=-1), axis=1)
 
 
 def sequence_logprobs(params: Any, config: ModelConfig, input_ids: Array,
