@@ -131,12 +131,18 @@ def test_scores_equal_two_direct_forwards(run):
 
 
 def test_batch_plan_and_buckets():
-    assert [bucket_length(n) for n in (1, 64, 65, 300)] == [64, 64, 128, 320]
+    assert [bucket_length(n, 64) for n in (1, 64, 65, 300)] == [64, 64, 128, 320]
     assert [bucket_length(n, "pow2") for n in (1, 17, 300)] == [16, 32, 512]
+    # auto: four lengths per octave, at least 32 apart; under 25% padding
+    auto = [bucket_length(n) for n in range(1, 5000)]
+    assert auto[:33] == [32] * 32 + [64] and bucket_length(300) == 320
+    assert bucket_length(1500) == 1536 and bucket_length(2049) == 2560
+    assert all(n <= b < n * 1.25 + 32 for n, b in zip(range(1, 5000), auto))
+    assert len(set(auto)) <= 8 + 4 * 5  # 32..256 by 32, then 4 per octave up to 5000
     with pytest.raises(DiceError, match="buckets"):
         bucket_length(5, 0)
     lengths = [130, 200, 64, 390, 256, 129, 5]
-    plan = plan_batches(lengths, 3)
+    plan = plan_batches(lengths, 3, 64)
     assert [p[0] for p in plan] == [448, 192, 64]
     assert sorted(i for _, idx in plan for i in idx) == list(range(7))
     for length, idx in plan:
@@ -144,7 +150,8 @@ def test_batch_plan_and_buckets():
     # Shared prompts: each used prompt in one group, each response row once, groups of
     # one shape (a multiple of the data-parallel size), prompts padded to their bucket.
     prompt_lengths, index = [70, 10, 200, 5, 64], [0, 0, 2, 2, 4, 4, 1, 2]
-    groups = plan_prompt_groups(prompt_lengths, index, rows=2, multiple=2, prompt_group=1)
+    groups = plan_prompt_groups(prompt_lengths, index, rows=2, multiple=2, buckets=64,
+                                prompt_group=1)
     assert [(size, width, members) for size, width, members, _ in groups] == [
         (2, 256, [2, 0]), (2, 64, [4, 1])]
     assert sorted(n for *_, rows in groups for n in rows) == list(range(len(index)))

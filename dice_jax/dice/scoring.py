@@ -21,8 +21,9 @@ The forward (`sequence_scores`) has two layouts, equal up to float rounding (tes
 - whole sequences (`share_prompts=False`): every row is prompt + response, `[rows, T]`
   right-padded, through one jitted `sequence_logprobs` (the training function).
 
-Either way rows are sorted by length and padded to bucketed lengths (multiples of 64 by
-default, or powers of two), so few programs compile and little padding is computed; the
+Either way rows are sorted by length and padded to bucketed lengths (by default four per
+octave: multiples of 32 up to 256, of 64 up to 512, ...; or powers of two, or multiples
+of a fixed step), so few programs compile and little padding is computed; the
 vocabulary projection and float32 log-softmax run in chunks (`token_logprobs`), chunks
 without a response token skipped. Batches are placed like training batches (rows over
 the mesh's `data`/`fsdp` axes, params per `param_shardings`; a group's prompt cache is
@@ -56,17 +57,28 @@ from dice_jax.training.state import batch_sharding, put_process_local, replicate
 from dice_jax.training.step import MeshFunction
 
 log = logging.getLogger("dice_jax.scoring")
-Buckets = int | str  # a multiple of tokens (e.g. 64), or "pow2"
+Buckets = int | str  # "auto", "pow2", or a multiple of tokens (e.g. 64)
 
 
-def bucket_length(n: int, buckets: Buckets = 64) -> int:
-    """The padded length of a row of `n` tokens: the next multiple of `buckets`, or with
-    `buckets="pow2"` the next power of two (at least 16)."""
+def bucket_length(n: int, buckets: Buckets = "auto") -> int:
+    """The padded length of a row of `n` tokens.
+
+    `"auto"`: the next multiple of `max(32, next_power_of_two(n) / 8)`, i.e. multiples of
+    32 up to 256, of 64 up to 512, of 128 up to 1024, ...: four lengths per octave, so the
+    padding stays under a quarter of the row (about an eighth on average) while the
+    number of compiled programs grows only with log(length). An int: the next multiple of
+    it. `"pow2"`: the next power of two (at least 16).
+    """
+    n = max(1, int(n))
+    if buckets == "auto":
+        step = max(32, (1 << (n - 1).bit_length()) // 8)
+        return -(-n // step) * step
     if buckets == "pow2":
-        return max(16, 1 << max(0, int(n) - 1).bit_length())
+        return max(16, 1 << (n - 1).bit_length())
     if not isinstance(buckets, int) or isinstance(buckets, bool) or buckets < 1:
-        raise DiceError(f"scoring buckets={buckets!r}: expected a positive int or 'pow2'")
-    return max(1, -(-int(n) // buckets)) * buckets
+        raise DiceError(f"scoring buckets={buckets!r}: expected a positive int, 'auto' or "
+                        "'pow2'")
+    return -(-n // buckets) * buckets
 
 
 def data_parallel_size(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> int:
@@ -76,7 +88,7 @@ def data_parallel_size(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> int:
     return math.prod(mesh.shape.get(a, 1) for a in axes)
 
 
-def plan_batches(lengths: Sequence[int], batch_size: int, buckets: Buckets = 64
+def plan_batches(lengths: Sequence[int], batch_size: int, buckets: Buckets = "auto"
                  ) -> list[tuple[int, list[int]]]:
     """`(padded length, row indices)` per batch: rows sorted longest first (so a batch
     that does not fit in memory fails at once), `batch_size` rows a batch (the last one
@@ -87,7 +99,7 @@ def plan_batches(lengths: Sequence[int], batch_size: int, buckets: Buckets = 64
 
 
 def plan_prompt_groups(prompt_lengths: Sequence[int], index: Sequence[int], rows: int,
-                       multiple: int = 1, buckets: Buckets = 64,
+                       multiple: int = 1, buckets: Buckets = "auto",
                        prompt_group: int | None = None
                        ) -> list[tuple[int, int, list[int], list[int]]]:
     """Prompt groups for shared-prompt scoring, as `(group size, padded prompt length,
@@ -211,7 +223,7 @@ class _Progress:
 def sequence_scores(params: Any, config: ModelConfig, prompt_ids: Sequence[Sequence[int]],
                     response_ids: Sequence[Sequence[int]],
                     prompt_index: Sequence[int] | None = None, *, mesh: Mesh | None = None,
-                    batch_size: int = 16, buckets: Buckets = 64, share_prompts: bool = True,
+                    batch_size: int = 16, buckets: Buckets = "auto", share_prompts: bool = True,
                     prompt_group: int | None = None, chunk_size: int = DEFAULT_CHUNK,
                     rules: Rules = DEFAULT_RULES, progress: bool = True,
                     desc: str = "scoring") -> tuple[np.ndarray, np.ndarray]:
@@ -342,7 +354,7 @@ def stored_policy_logps(sample_set: SampleSet) -> np.ndarray:
 def score_samples(sample_set: SampleSet, model_config: ModelConfig, reference_params: Any,
                   policy_params: Any = None, *, mesh: Mesh | None = None,
                   batch_size: int = 16, reuse_policy_logps: bool = True,
-                  buckets: Buckets = 64, share_prompts: bool = True,
+                  buckets: Buckets = "auto", share_prompts: bool = True,
                   prompt_group: int | None = None, chunk_size: int = DEFAULT_CHUNK,
                   rules: Rules = DEFAULT_RULES, progress: bool = True) -> ScoredSamples:
     """Both models' sequence log-probs of every sampled response, as `ScoredSamples`.
