@@ -4,11 +4,11 @@
                                  [--whole] [--torch-sorted]
 
 Both sides: SmolLM2-135M-Instruct (the embedded GGUF, dequantised to float32), the same
-`prompts x k` sequences of 136-264 tokens (about 200 on average, as the issue asks) (a 32-96-token prompt per prompt, K responses
-filling the rest; random ids), the summed float32 log-prob of each response under the
-model, `batch_size` sequences per forward. Throughput is scored tokens per second: prompt +
-response tokens of every sequence (padding not counted; a prompt counts once per response,
-as both sides deliver one score per (prompt, response)).
+`prompts x k` sequences of 136-264 tokens (about 200 on average; a 32-96-token prompt per
+prompt, K responses filling the rest; random ids), the summed float32 log-prob of each
+response under the model, `batch_size` sequences per forward. Throughput is scored tokens
+per second: prompt + response tokens of every sequence (padding not counted; a prompt counts
+once per response, as both sides deliver one score per (prompt, response)).
 
 - dice-jax: `dice_jax.dice.scoring.sequence_scores`, the reference forward of
   `score_samples`, with its defaults: each prompt runs once and its K responses attend to

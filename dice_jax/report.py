@@ -79,11 +79,18 @@ def table_rows(runs: list[dict[str, Any]]) -> list[list[str]]:
     """Rows of [method, iteration, greedy P, I, len, sampled P, I, len]."""
     rows: list[list[str]] = []
     base = None
+    start = None
     for run in runs:  # the policy entering round 1 is the base of Table 1
         entry = run["evals"].get(0 if run["round0"] else -1)
         if entry is not None:
             base = entry
+            # With a round 0, the model it started from is a row of its own (the SFT /
+            # instruct model, before any DPO), as the paper's tables list the SFT model.
+            start = run["evals"].get(-1) if run["round0"] else None
             break
+    if start is not None:
+        rows.append(["Start model (before round 0)", "-",
+                     *_fmt(start["greedy"]), *_fmt(start.get("sampled"))])
     if base is not None:
         rows.append(["Base (policy entering round 1)", "-",
                      *_fmt(base["greedy"]), *_fmt(base.get("sampled"))])

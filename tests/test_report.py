@@ -23,7 +23,8 @@ def _run(tmp_path, name, method, evals, loss="sigmoid", round0=True):
 
 
 def test_table_rows_and_plots(tmp_path):
-    dice = _run(tmp_path, "dice", "dice", {"round_0": (0.20, 0.30, 400),
+    dice = _run(tmp_path, "dice", "dice", {"start": (0.10, 0.28, 380),
+                                           "round_0": (0.20, 0.30, 400),
                                            "round_1": (0.25, 0.35, 410),
                                            "round_2": (0.30, 0.41, 420)})
     off = _run(tmp_path, "off", "offline_dpo", {"round_1": (0.21, 0.31, 450)})
@@ -31,7 +32,11 @@ def test_table_rows_and_plots(tmp_path):
     out = str(tmp_path / "report.md")
     text = write_report([dice, off, ipo], out)
     rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
-    assert rows[1].startswith("| Base (policy entering round 1) | - | 20.0 | 30.0 | 400 |")
+    assert rows[1].startswith("| Start model (before round 0) | - | 10.0 | 28.0 | 380 |")
+    assert rows[2].startswith("| Base (policy entering round 1) | - | 20.0 | 30.0 | 400 |")
+    # Without a round 0 the start model is the base, listed once.
+    solo = write_report([off], str(tmp_path / "solo.md"))
+    assert "Start model" not in solo
     assert "| DICE | 1 | 25.0 | 35.0 | 410 |" in text
     assert "| DICE | 2 | 30.0 | 41.0 | 420 |" in text
     assert "| Offline DPO | 1 | 21.0 | 31.0 | 450 |" in text
