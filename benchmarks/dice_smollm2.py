@@ -59,8 +59,30 @@ def run_method(method: str, out: str, size: str, seed_from: str | None) -> float
            *SIZES[size]]
     print("$", " ".join(cmd), flush=True)
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=REPO)
+    error = run_forwarding_stderr(cmd)
+    if error is not None:
+        raise MethodFailed(error)
     return time.perf_counter() - start
+
+
+class MethodFailed(RuntimeError):
+    """A method's run exited non-zero; the message is its `error:` line."""
+
+
+def run_forwarding_stderr(cmd: list[str]) -> str | None:
+    """Runs `cmd`, passing its stderr through (progress bars included); returns None on
+    success, else the child's last `error:` line (or its exit status)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE)
+    tail = b""
+    while chunk := os.read(proc.stderr.fileno(), 65536):
+        sys.stderr.buffer.write(chunk)
+        sys.stderr.flush()
+        tail = (tail + chunk)[-16384:]
+    if proc.wait() == 0:
+        return None
+    lines = [ln for ln in tail.decode(errors="replace").splitlines()
+             if ln.startswith("error:")]
+    return lines[-1] if lines else f"exit status {proc.returncode}"
 
 
 def copy_shared_stages(source: str, run_dir: str) -> None:
@@ -91,31 +113,40 @@ def main() -> int:
     args = parser.parse_args()
     out = os.path.abspath(args.out or f"runs/bench_{args.size}")
     methods = [m for m in args.methods.split(",") if m]
-    seconds = {}
+    seconds: dict[str, float] = {}
+    failed: dict[str, str] = {}
     first = None
     for method in methods:
-        seconds[method] = run_method(method, out, args.size, first)
+        # A method that cannot run at this scale (e.g. a 135M policy that never writes a
+        # parseable "Score: N" as LLM judge) is reported as such; the others still run.
+        try:
+            seconds[method] = run_method(method, out, args.size, first)
+        except MethodFailed as err:
+            failed[method] = str(err)
+            print(f"{method} FAILED: {err}", flush=True)
         first = first or os.path.join(out, methods[0])
     sys.path.insert(0, REPO)
     from dice_jax.report import write_report
 
-    text = write_report([os.path.join(out, m) for m in methods], os.path.join(out, "report.md"))
+    text = write_report([os.path.join(out, m) for m in seconds], os.path.join(out, "report.md"))
     print(text)
     print("| method | wall time this invocation (s) |\n|---|---|")
     for method, s in seconds.items():
         print(f"| {method} | {s:.0f} |")
-    if "dice" in methods:
+    for method, err in failed.items():
+        print(f"| {method} | failed: {err} |")
+    if "dice" in seconds:
         dice_dir = os.path.join(out, "dice")
         dice2, round0 = greedy(dice_dir, "round_2"), greedy(dice_dir, "round_0")
         print(f"\nDICE iter 2 vs round-0 model: prompt-level strict "
               f"{dice2['prompt_level_strict'] - round0['prompt_level_strict']:+.3f}, "
               f"mean length {dice2['mean_length'] - round0['mean_length']:+.0f} chars")
-        if "offline_dpo" in methods:
+        if "offline_dpo" in seconds:
             off2 = greedy(os.path.join(out, "offline_dpo"), "round_2")
             print(f"DICE iter 2 vs offline DPO iter 2: prompt-level strict "
                   f"{dice2['prompt_level_strict'] - off2['prompt_level_strict']:+.3f}, "
                   f"mean length {dice2['mean_length'] - off2['mean_length']:+.0f} chars")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import json
 import os
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -147,4 +148,10 @@ def test_llm_judge_scores_replace_reward_without_shaping():
     assert 1 not in by_prompt  # all four scores tie
     assert (by_prompt[2]["chosen_index"], by_prompt[2]["rejected_index"]) == (2, 0)
     assert data.stats["drops"]["tied_prompts"] == 1
-    assert data.stats["drops"]["unparseable_score"] == 2 + 2  # judge's count + filter's
+    # Each unscored response counted once: (0, 3) and (2, 1), both kept by the filters.
+    assert data.stats["drops"]["unparseable_score"] == 2
+    assert data.stats["drops"]["unparseable_judgement"] == 2
+    nothing = np.full((3, 4), np.nan, np.float32)
+    with pytest.raises(DiceError, match="no parseable 'Score: N'"):
+        build_round_data(s, OFFLINE, _config(), judge_scores=nothing,
+                         judge_drops=Counter(unparseable_judgement=12, unparseable_score=12))

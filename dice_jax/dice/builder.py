@@ -119,10 +119,17 @@ def build_round_data(samples: ScoredSamples, offline: list[dict[str, Any]],
     lengths = (char_lengths if config.length_unit == "chars"
                else np.asarray(samples.token_counts, np.int64)).astype(np.float32)
     valid, _, drops = valid_responses(samples.finish_reasons, char_lengths, config.filters)
-    drops.update(judge_drops or {})
+    # The judge counts unparseable judgement texts; responses without a score are counted
+    # here, once each, among those the filters kept (a response has one drop reason).
+    drops.update({k: v for k, v in (judge_drops or {}).items() if k != "unparseable_score"})
     finite = np.isfinite(reward)
     drops["unparseable_score" if judge_scores is not None else "non_finite_reward"] += int(
         np.sum(valid & ~finite))
+    if judge_scores is not None and not finite.any():
+        raise DiceError(f"the LLM judge wrote no parseable 'Score: N' (0-5) for any of the "
+                        f"{reward.size} responses (drops: {dict(drops)}); the policy cannot "
+                        "act as its own judge here (a larger model, or more "
+                        "dice.judge_max_new_tokens)")
     valid &= finite
     reward = np.where(finite, reward, 0.0).astype(np.float32)
     if not valid.any():
