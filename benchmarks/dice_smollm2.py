@@ -24,10 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
+
+from dice_jax.report import write_report
+from dice_jax.run.folder import seed_stages
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 METHODS = ("dice", "offline_dpo", "offline_dpo_new_ref", "llm_judge")
@@ -53,7 +55,7 @@ SIZES = {
 def run_method(method: str, out: str, size: str, seed_from: str | None) -> float:
     run_dir = os.path.join(out, method)
     if seed_from and not os.path.exists(os.path.join(run_dir, "manifest.json")):
-        copy_shared_stages(seed_from, run_dir)
+        seed_stages(seed_from, run_dir, SHARED)
     cmd = [sys.executable, "-m", "dice_jax.train", f"--config={REPO}/configs/smollm2.py",
            f"--config.run_dir={run_dir}", f"--config.method={method}", "--config.rounds=2",
            *SIZES[size]]
@@ -85,20 +87,6 @@ def run_forwarding_stderr(cmd: list[str]) -> str | None:
     return lines[-1] if lines else f"exit status {proc.returncode}"
 
 
-def copy_shared_stages(source: str, run_dir: str) -> None:
-    """Starts `run_dir` from `source`'s start and round-0 stages (same config there)."""
-    with open(os.path.join(source, "manifest.json")) as f:
-        stages = json.load(f)["stages"]
-    os.makedirs(run_dir, exist_ok=True)
-    kept = {}
-    for name in SHARED:
-        if name in stages:
-            shutil.copytree(os.path.join(source, name), os.path.join(run_dir, name))
-            kept[name] = stages[name]
-    with open(os.path.join(run_dir, "manifest.json"), "w") as f:
-        json.dump({"stages": kept}, f, indent=2)
-
-
 def greedy(run_dir: str, stage: str) -> dict[str, float]:
     with open(os.path.join(run_dir, stage, "eval", "metrics.json")) as f:
         return json.load(f)["greedy"]
@@ -125,9 +113,6 @@ def main() -> int:
             failed[method] = str(err)
             print(f"{method} FAILED: {err}", flush=True)
         first = first or os.path.join(out, methods[0])
-    sys.path.insert(0, REPO)
-    from dice_jax.report import write_report
-
     text = write_report([os.path.join(out, m) for m in seconds], os.path.join(out, "report.md"))
     print(text)
     print("| method | wall time this invocation (s) |\n|---|---|")

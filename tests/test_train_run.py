@@ -18,6 +18,8 @@ import tempfile
 import numpy as np
 import pytest
 
+from dice_jax.run.folder import seed_stages
+
 REPO = os.path.join(os.path.dirname(__file__), os.pardir)
 TINY = os.path.join(REPO, "configs", "tiny.py")
 
@@ -76,18 +78,6 @@ ORDER = ["start/eval", "round_0/train", "round_0/eval",
          *(f"round_{t}/{s}" for t in (1, 2)
            for s in ("sample", "score", "data", "train", "eval", "report")), "export"]
 EXPECTED = set(ORDER)
-
-
-def seed_stages(source, run_dir, stages):
-    """Starts `run_dir` with copies of `source`'s completed `stages` (the run writes its
-    own config.json, which must name its own run_dir)."""
-    os.makedirs(run_dir)
-    with open(os.path.join(source, "manifest.json")) as f:
-        done = json.load(f)["stages"]
-    for name in stages:
-        shutil.copytree(os.path.join(source, name), os.path.join(run_dir, name))
-    with open(os.path.join(run_dir, "manifest.json"), "w") as f:
-        json.dump({"stages": {name: done[name] for name in stages}}, f)
 
 
 def test_tiny_config_runs_two_rounds_end_to_end(reference_run):

@@ -107,6 +107,22 @@ class RunFolder:
         return final
 
 
+def seed_stages(source: str, run_dir: str, stages: list[str] | tuple[str, ...]) -> list[str]:
+    """Starts a new run folder `run_dir` from copies of `source`'s completed `stages`
+    (those of them its manifest records); returns the stages copied. The new run writes
+    its own config.json at launch, so its config may differ where the copied stages allow
+    (e.g. the method after a shared round 0)."""
+    with open(os.path.join(source, "manifest.json")) as f:
+        done = json.load(f)["stages"]
+    os.makedirs(run_dir, exist_ok=True)
+    kept = [name for name in stages if name in done]
+    for name in kept:
+        shutil.copytree(os.path.join(source, name), os.path.join(run_dir, name))
+    write_json(os.path.join(run_dir, "manifest.json"),
+               {"stages": {name: done[name] for name in kept}})
+    return kept
+
+
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
