@@ -177,7 +177,7 @@ def shared_prompt_functions(config: ModelConfig, mesh: Mesh, rules: Rules = DEFA
         g, p = prompt_ids.shape
         hidden, cache = Decoder(config).apply(
             {"params": params}, prompt_ids, positions_from_mask(prompt_mask), prompt_mask,
-            init_cache(config, g, p), jnp.int32(0), return_hidden=True, method=Decoder.extend)
+            init_cache(config, g, p), 0, return_hidden=True, method=Decoder.extend)
         return cache, hidden[:, -1]
 
     def responses(params: Any, cache: dict, last: jax.Array, prompt_mask: jax.Array,
@@ -192,7 +192,7 @@ def shared_prompt_functions(config: ModelConfig, mesh: Mesh, rules: Rules = DEFA
         prompt_len = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)[row_prompt]
         positions = prompt_len[:, None] + jnp.arange(r, dtype=jnp.int32)[None]
         hidden, _ = Decoder(config).apply(
-            {"params": params}, response_ids, positions, kv_mask, rows_cache, jnp.int32(p),
+            {"params": params}, response_ids, positions, kv_mask, rows_cache, p,
             return_hidden=True, method=Decoder.extend)
         scorers = jnp.concatenate([last[row_prompt][:, None].astype(hidden.dtype),
                                    hidden[:, :-1]], axis=1)

@@ -75,7 +75,7 @@ def prefill(params: Any, input_ids: Array, prompt_mask: Array, *, program: Progr
     cache = init_cache(cfg, batch, length, program.cache_dtype)
     hidden, cache = Decoder(cfg).apply(
         {"params": params}, input_ids, positions_from_mask(prompt_mask), prompt_mask, cache,
-        jnp.int32(0), return_hidden=True, method=Decoder.extend)
+        0, return_hidden=True, method=Decoder.extend)
     logits = Decoder(cfg).apply({"params": params}, hidden[:, -1], method=Decoder.logits)
     segments = [{name: constrain(a, SEGMENT_AXES, program) for name, a in seg.items()}
                 for seg in prompt_segments(cache)]

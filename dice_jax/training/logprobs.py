@@ -34,16 +34,16 @@ def _chunk_token_logps(params: Any, config: ModelConfig, hidden: Array, targets:
     """Log-probs `[batch, chunk]` float32 of `targets` under the logits of `hidden`.
 
     `hidden [batch, chunk, embed]`, `targets`/`mask` int `[batch, chunk]`. The target logit
-    is picked with a compare-and-sum (no gather), which stays local under a vocab-sharded
-    mesh. Zero where `mask` is 0.
+    comes from the targets' embedding rows (`Decoder.target_logits`), not from a gather or
+    one-hot over the chunk's logits: one pass over the `[batch, chunk, vocab]` logits
+    (the log-sum-exp) instead of two, forward and backward. Zero where `mask` is 0.
     """
 
     def compute(_: None) -> Array:
-        logits = Decoder(config).apply({"params": params}, hidden, method=Decoder.logits)
-        logits = logits.astype(jnp.float32)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-        picked = jnp.sum(jnp.where(vocab == targets[..., None], logits, 0.0), axis=-1)
+        model = Decoder(config)
+        logits = model.apply({"params": params}, hidden, method=Decoder.logits)
+        lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+        picked = model.apply({"params": params}, hidden, targets, method=Decoder.target_logits)
         return jnp.where(mask > 0, picked - lse, 0.0)
 
     def skip(_: None) -> Array:
