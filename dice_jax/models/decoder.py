@@ -99,11 +99,15 @@ def _attend(q: Array, k: Array, v: Array, allowed: Array) -> Array:
     g = h // kv
     qh = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [batch, kv_heads, k_len, d]
-    scores = jnp.einsum("bkqd,bksd->bkqs", qh, kh).astype(jnp.float32) * (d ** -0.5)
+    scores = jnp.einsum("bkqd,bksd->bkqs", qh * (d ** -0.5), kh).astype(jnp.float32)
     scores = jnp.where(allowed, scores.reshape(b, kv, g, t, -1), _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, g * t, -1)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs, vh)
-    return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+    # The softmax is normalised after the value product (on [.., q_len, head_dim], not on
+    # the [.., q_len, k_len] weights): one pass less over the largest array.
+    weights = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
+    total = jnp.sum(weights, axis=-1, keepdims=True)  # [b, kv, g, t, 1] float32
+    out = jnp.einsum("bkqs,bksd->bkqd", weights.astype(v.dtype).reshape(b, kv, g * t, -1), vh)
+    out = out.reshape(b, kv, g, t, d) / total.astype(out.dtype)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 def query_blocks(q_len: int) -> int:
