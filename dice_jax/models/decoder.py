@@ -307,12 +307,15 @@ class Decoder(nn.Module):
         -> float32 `[...]`, from the targets' rows of the output embedding, so picking a
         token's logit costs no pass over the vocabulary (nor, in the backward pass, a
         one-hot of it). Equal to the full projection up to float summation order, and
-        rounded through the compute dtype as the projection's output is."""
+        rounded through the projection's output dtype as `logits` is."""
         dtype = jnp.dtype(self.config.dtype)
-        table = self.embed if self.config.tie_word_embeddings else self.lm_head.T
-        rows = jnp.take(jnp.asarray(table, dtype), targets, axis=0).astype(jnp.float32)
-        out = jnp.sum(hidden.astype(dtype).astype(jnp.float32) * rows, axis=-1)
-        return out.astype(dtype).astype(jnp.float32)
+        if self.config.tie_word_embeddings:
+            rows = jnp.take(self.embed, targets, axis=0)  # [..., embed]
+        else:  # gather the columns, then move embed last: no transpose of the whole head
+            rows = jnp.moveaxis(jnp.take(self.lm_head, targets, axis=1), 0, -1)
+        rows = rows.astype(dtype).astype(jnp.float32)
+        out = jnp.sum(hidden.astype(jnp.float32) * rows, axis=-1)
+        return out.astype(jnp.promote_types(hidden.dtype, dtype)).astype(jnp.float32)
 
 
 def init_cache(config: ModelConfig, batch: int, cache_len: int,
