@@ -8,7 +8,9 @@ rest), chosen and rejected in one forward pass, policy forward + backward, sigmo
 on summed response log-probs against CACHED reference log-probs (computed once, outside the
 timing), global-norm clipping 1.0, AdamW (weight decay 0). float32 throughout.
 
-- dice-jax: the trainer's jitted step (`dice_jax.training`), one CPU device.
+- dice-jax: the trainer's jitted step (`dice_jax.training`), one CPU device, with the
+  trainer's default shared-prompt layout (each pair's prompt through the model once;
+  `--no-shared-prompt` runs it twice, as the PyTorch side does).
 - PyTorch: TRL's `concatenated_forward` math on the transformers model loaded with
   `AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32")`: full
   logits, float32 log-softmax, gather, mask; `torch.set_num_threads(<cores>)`.
@@ -34,7 +36,7 @@ from dice_jax.checkpoints import embedded_gguf_path, load_model
 from dice_jax.sharding import DEFAULT_RULES, make_mesh
 from dice_jax.training.config import TrainConfig
 from dice_jax.training.data import build_pairs
-from dice_jax.training.loop import compiled_steps
+from dice_jax.training.loop import compiled_steps, model_inputs
 from dice_jax.training.state import init_train_state
 
 PROMPT_TOKENS = 64
@@ -58,7 +60,8 @@ class JaxSide:
         mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
         optimizer, shardings, self.step, _, logps = compiled_steps(
             loaded.config, cfg, mesh, tuple(DEFAULT_RULES))
-        batch = {k: jnp.asarray(v) for k, v in data.as_dict().items()}
+        lengths = data.split_lengths() if cfg.shared_prompt else None
+        batch = {k: jnp.asarray(v) for k, v in model_inputs(data, lengths).items()}
         ref, _ = logps(loaded.params, batch)  # cached reference log-probs (policy = ref)
         self.state = init_train_state(loaded.params, optimizer, shardings)
         self.batch = {k: v[None] for k, v in batch.items()}
@@ -120,12 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--logits-chunk", type=int, default=TrainConfig.logits_chunk)
     parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--no-shared-prompt", action="store_true",
+                        help="run each pair's prompt twice, as PyTorch does (dice-jax side)")
     args = parser.parse_args(argv)
 
     loaded = load_model("embedded:smollm2", with_tokenizer=False)
     data = make_data(args.pairs, args.length, loaded.config.vocab_size)
     cfg = TrainConfig(learning_rate=5e-7, batch_size=args.pairs, max_length=args.length,
-                      max_prompt_length=PROMPT_TOKENS, logits_chunk=args.logits_chunk)
+                      max_prompt_length=PROMPT_TOKENS, logits_chunk=args.logits_chunk,
+                      shared_prompt=not args.no_shared_prompt)
     tokens = int(data.attention_mask.sum())
     sides = {"dice-jax (XLA CPU)": JaxSide(loaded, data, cfg)}
     if not args.skip_torch:

@@ -26,11 +26,13 @@ def main() -> None:
                       save_every=0)
     result = {"devices": jax.device_count()}
     for name, axes in [("single", {"data": 1, "fsdp": 1, "tensor": 1}),
+                       ("whole", {"data": 1, "fsdp": 1, "tensor": 1}),
                        ("fsdp8", {"data": 1, "fsdp": 8, "tensor": 1}),
                        ("d2f2t2", {"data": 2, "fsdp": 2, "tensor": 2})]:
-        mesh = make_mesh(axes, jax.devices()[:1] if name == "single" else None)
-        trainer = DPOTrainer(cfg, config, params, data, tempfile.mkdtemp(), mesh=mesh,
-                             progress=False, log=lambda _: None)
+        mesh = make_mesh(axes, jax.devices()[:1] if name in ("single", "whole") else None)
+        # "whole": each row runs prompt and response (no shared-prompt layout)
+        trainer = DPOTrainer(cfg.replace(shared_prompt=name != "whole"), config, params, data,
+                             tempfile.mkdtemp(), mesh=mesh, progress=False, log=lambda _: None)
         history = trainer.train()
         batch, _ = trainer._train_batch(0)
         state = trainer.state
@@ -40,7 +42,10 @@ def main() -> None:
             "q_proj": str(state.params["layers"]["attn"]["q_proj"].sharding.spec),
             "adam_mu_q_proj": str(state.opt_state[1][0].mu["layers"]["attn"]["q_proj"]
                                   .sharding.spec),
-            "batch": str(batch["input_ids"].sharding.spec),
+            "batch": str(batch["input_ids" if name == "whole" else "response_ids"]
+                         .sharding.spec),
+            "prompt_batch": str(batch["input_ids" if name == "whole" else "prompt_ids"]
+                                .sharding.spec),
             "mu_shards": len({str(s.index) for s in state.opt_state[1][0].mu["layers"]["attn"]
                               ["q_proj"].addressable_shards}),
         }

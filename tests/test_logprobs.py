@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from train_helpers import init_params, synthetic_pairs, tiny_config
 
+from dice_jax.errors import DiceError
 from dice_jax.models.decoder import Decoder, positions_from_mask
+from dice_jax.training.data import PairArrays, build_pairs
 from dice_jax.training.logprobs import pair_logprobs, pair_logprobs_jit, token_logprobs
 
 
@@ -85,6 +87,58 @@ def test_prompt_and_padding_tokens_do_not_count(model, data):
     changed = dict(batch, input_ids=jnp.asarray(ids))
     np.testing.assert_array_equal(np.asarray(pair_logprobs_jit(params, changed, config, 8)[0]),
                                   np.asarray(logps))
+
+
+def shared_batch(data, multiple=8):
+    return {k: jnp.asarray(v)
+            for k, v in data.shared_prompt_dict(*data.split_lengths(multiple)).items()}
+
+
+def test_shared_prompt_layout_matches_brute_force(model, data):
+    """Each prompt run once (its cache shared by both responses) = the plain forward."""
+    config, params = model
+    expected, expected_counts = brute_force(config, params, data)
+    for multiple in (1, 8):  # tight, and with padding on both sides of the prompt
+        logps, counts = pair_logprobs_jit(params, shared_batch(data, multiple), config, 4)
+        np.testing.assert_allclose(np.asarray(logps), expected, rtol=2e-6, atol=2e-5)
+        np.testing.assert_array_equal(np.asarray(counts), expected_counts)
+
+
+def test_shared_prompt_layout_gradients_match(model, data):
+    config, params = model
+    weights = jnp.asarray([[1.0, -0.5]])
+
+    def grads(batch):
+        f = lambda p: jnp.sum(pair_logprobs(p, config, batch, 4)[0] * weights)  # noqa: E731
+        return jax.jit(jax.grad(f))(params)
+
+    a, b = grads(as_batch(data)), grads(shared_batch(data))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+
+
+def test_shared_prompt_layout_of_an_empty_prompt():
+    """An empty prompt: the first response token has nothing to be scored by, as in the
+    right-padded layout."""
+    config = tiny_config()
+    params = init_params(config, seed=1)
+    data, _ = build_pairs([([], [5, 6, 7, 2], [8, 2]), ([9, 10], [11, 2], [12, 13, 14, 2])],
+                          max_length=16, max_prompt_length=8, pad_to_multiple=4)
+    assert (data.prompt_lengths() == 0).any()
+    expected, expected_counts = pair_logprobs_jit(params, as_batch(data), config, 4)
+    logps, counts = pair_logprobs_jit(params, shared_batch(data), config, 4)
+    np.testing.assert_allclose(np.asarray(logps), np.asarray(expected), rtol=2e-6, atol=2e-5)
+    np.testing.assert_array_equal(np.asarray(counts), np.asarray(expected_counts))
+
+
+def test_shared_prompt_layout_rejects_pairs_with_different_prompts(data):
+    ids = np.array(data.input_ids)
+    ids[2, 1, 0] = ids[2, 0, 0] + 1
+    broken = PairArrays(ids, data.attention_mask, data.loss_mask)
+    with pytest.raises(DiceError, match="pair 2: chosen and rejected do not share"):
+        broken.prompt_lengths()
+    with pytest.raises(DiceError, match=r"pair 0: prompt of .* longer than"):
+        data.shared_prompt_dict(1, 64)
 
 
 def test_never_materialises_full_float32_log_softmax():

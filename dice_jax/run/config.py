@@ -97,6 +97,7 @@ def default_config() -> mlc.ConfigDict:
     c.train.save_every = 50
     c.train.weight_decay = 0.0
     c.train.max_grad_norm = 1.0
+    c.train.shared_prompt = True              # each pair's prompt through the model once
 
     c.eval = mlc.ConfigDict()
     c.eval.enabled = True                     # evaluate the start model and every round

@@ -69,6 +69,7 @@ def train_config(config: mlc.ConfigDict, seed: int) -> TrainConfig:
         grad_accum=t.grad_accum, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         max_length=t.max_length, max_prompt_length=t.max_prompt_length,
         eval_every=t.eval_every, save_every=t.save_every, seed=seed,
+        shared_prompt=bool(t.get("shared_prompt", True)),
         mesh=tuple((axis, int(config.mesh[axis])) for axis in ("data", "fsdp", "tensor")))
 
 

@@ -40,6 +40,7 @@ class TrainConfig:
     truncation_mode: str = "keep_end"   # keep_end: drop the prompt's START (TRL default)
     pad_to_multiple: int = 64           # sequences padded to a multiple (fewer shapes)
     logits_chunk: int = 64              # scored positions per vocabulary-projection chunk
+    shared_prompt: bool = True          # run each pair's prompt once (training.logprobs)
     eval_every: int = 20                # 0: never
     save_every: int = 50                # 0: only at the end
     keep_checkpoints: int = 2

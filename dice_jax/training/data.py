@@ -59,6 +59,53 @@ class PairArrays:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
                 "loss_mask": self.loss_mask}
 
+    def prompt_lengths(self) -> np.ndarray:
+        """Tokens before each pair's response, int `[pairs]`; raises DiceError when the
+        chosen and rejected rows of a pair do not start with the same prompt tokens."""
+        scored = self.loss_mask.astype(bool)
+        real = self.attention_mask.sum(-1)
+        first = np.where(scored.any(-1), scored.argmax(-1), real)  # [pairs, 2]
+        for i in np.flatnonzero((first[:, 0] != first[:, 1]) | np.any(
+                (self.input_ids[:, 0] != self.input_ids[:, 1])
+                & (np.arange(self.length)[None] < first[:, :1]), axis=-1)):
+            raise DiceError(f"pair {i}: chosen and rejected do not share their prompt tokens "
+                            "(train with shared_prompt=False)")
+        return first[:, 0].astype(np.int32)
+
+    def split_lengths(self, multiple: int = 16) -> tuple[int, int]:
+        """`(prompt_length, response_length)` of the shared-prompt layout
+        (`shared_prompt_dict`) that holds every pair: the longest prompt and the longest
+        response, each rounded up to `multiple` (at least 1)."""
+        prompts = self.prompt_lengths()
+        responses = self.attention_mask.sum(-1).max(-1) - prompts
+        up = lambda n: max(1, -(-int(n) // multiple) * multiple)  # noqa: E731
+        return up(prompts.max(initial=0)), up(responses.max(initial=0))
+
+    def shared_prompt_dict(self, prompt_length: int, response_length: int
+                           ) -> dict[str, np.ndarray]:
+        """The pairs with each prompt stored once: `prompt_ids`/`prompt_mask` int32
+        `[pairs, prompt_length]` LEFT-padded, `response_ids`/`response_mask` int32
+        `[pairs, 2, response_length]` right-padded (see `training.logprobs`)."""
+        prompts = self.prompt_lengths()
+        out = {"prompt_ids": np.zeros((len(self), prompt_length), np.int32),
+               "prompt_mask": np.zeros((len(self), prompt_length), np.int32),
+               "response_ids": np.zeros((len(self), 2, response_length), np.int32),
+               "response_mask": np.zeros((len(self), 2, response_length), np.int32)}
+        for i, n in enumerate(prompts):
+            if n > prompt_length:
+                raise DiceError(f"pair {i}: prompt of {n} tokens, longer than the "
+                                f"prompt_length {prompt_length}")
+            out["prompt_ids"][i, prompt_length - n:] = self.input_ids[i, 0, :n]
+            out["prompt_mask"][i, prompt_length - n:] = 1
+            for j in range(2):
+                r = int(self.attention_mask[i, j].sum()) - n
+                if r > response_length:
+                    raise DiceError(f"pair {i}: response of {r} tokens, longer than the "
+                                    f"response_length {response_length}")
+                out["response_ids"][i, j, :r] = self.input_ids[i, j, n:n + r]
+                out["response_mask"][i, j, :r] = 1
+        return out
+
     def fingerprint(self) -> str:
         """sha256 of the arrays (shape, dtype and bytes): changes whenever the data does."""
         h = hashlib.sha256()

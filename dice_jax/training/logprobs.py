@@ -12,6 +12,13 @@ skipped.
 Layout of a pair batch: `input_ids`, `attention_mask`, `loss_mask`, each int `[pairs, 2,
 length]` (index 0 = chosen, 1 = rejected), right-padded. `loss_mask[p, i, t] = 1` when token
 `t` is a response token (so it is scored by the logits at position `t - 1`).
+
+The shared-prompt layout (`PairArrays.shared_prompt_dict`) stores each pair's prompt once:
+`prompt_ids`, `prompt_mask` int `[pairs, prompt_len]` LEFT-padded and `response_ids`,
+`response_mask` int `[pairs, 2, response_len]` right-padded. The prompt then runs through
+the decoder once per pair (its keys and values are shared by both responses through the KV
+cache, and the gradient flows back through them), not twice: the same log-probs with
+`prompt_len / (prompt_len + response_len) / 2` less of the decoder's work.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from dice_jax.models.config import ModelConfig
-from dice_jax.models.decoder import Decoder, positions_from_mask
+from dice_jax.models.decoder import Decoder, init_cache, positions_from_mask
 
 Array = jax.Array
 DEFAULT_CHUNK = 128
@@ -99,13 +106,55 @@ def sequence_logprobs(params: Any, config: ModelConfig, input_ids: Array,
     return jnp.sum(per_token, axis=-1), jnp.sum(mask, axis=-1).astype(jnp.int32)
 
 
+def shared_prompt_logprobs(params: Any, config: ModelConfig, prompt_ids: Array,
+                           prompt_mask: Array, response_ids: Array, response_mask: Array,
+                           chunk_size: int = DEFAULT_CHUNK) -> tuple[Array, Array]:
+    """Summed response log-probs float32 `[pairs, 2]` and scored-token counts int32
+    `[pairs, 2]` with each prompt run once (the shared-prompt layout of the module doc).
+
+    The prompts fill a KV cache (`Decoder.extend` at slots `0..prompt_len-1`), each pair's
+    cache is repeated for its two responses, which run against it at slots
+    `prompt_len..`. Response token `j` is scored by the hidden state before it (the
+    prompt's last one for `j = 0`; not scored when the prompt is empty, as in the
+    right-padded layout).
+    """
+    p, lp = prompt_ids.shape
+    lr = response_ids.shape[-1]
+    model = Decoder(config)
+    hidden, cache = model.apply({"params": params}, prompt_ids, positions_from_mask(prompt_mask),
+                                prompt_mask, init_cache(config, p, lp), 0, return_hidden=True,
+                                method=Decoder.extend)
+    pad = ((0, 0), (0, 0), (0, lr), (0, 0), (0, 0))
+    cache = {name: jnp.pad(jnp.repeat(a, 2, axis=1), pad) for name, a in cache.items()}
+    ids = response_ids.reshape(2 * p, lr)
+    mask = response_mask.reshape(2 * p, lr)
+    prompt_mask2 = jnp.repeat(prompt_mask, 2, axis=0)
+    prompt_len = jnp.sum(prompt_mask2, axis=1, dtype=jnp.int32)
+    positions = prompt_len[:, None] + jnp.arange(lr, dtype=jnp.int32)[None]
+    out, _ = model.apply({"params": params}, ids, positions,
+                         jnp.concatenate([prompt_mask2, mask], axis=1), cache, lp,
+                         return_hidden=True, method=Decoder.extend)
+    last = jnp.repeat(hidden[:, -1:], 2, axis=0).astype(out.dtype)
+    scorers = jnp.concatenate([last, out[:, :-1]], axis=1)
+    first = jnp.arange(lr)[None] == 0
+    mask = jnp.where(first & (prompt_len[:, None] == 0), 0, mask)
+    per_token = token_logprobs(params, config, scorers, ids, mask, chunk_size)
+    return (jnp.sum(per_token, axis=-1).reshape(p, 2),
+            jnp.sum(mask, axis=-1, dtype=jnp.int32).reshape(p, 2))
+
+
 def pair_logprobs(params: Any, config: ModelConfig, batch: dict[str, Array],
                   chunk_size: int = DEFAULT_CHUNK) -> tuple[Array, Array]:
     """Chosen and rejected in ONE forward pass: `(logps [pairs, 2], counts [pairs, 2])`.
 
-    `batch` holds `input_ids`, `attention_mask`, `loss_mask` int `[pairs, 2, length]`; the
-    pair axis and the chosen/rejected axis are merged into one batch axis of `2 * pairs`.
+    `batch` holds either `input_ids`, `attention_mask`, `loss_mask` int `[pairs, 2,
+    length]` (the pair axis and the chosen/rejected axis are merged into one batch axis of
+    `2 * pairs`), or the shared-prompt layout (`prompt_ids`, ...; see the module doc).
     """
+    if "prompt_ids" in batch:
+        return shared_prompt_logprobs(params, config, batch["prompt_ids"], batch["prompt_mask"],
+                                      batch["response_ids"], batch["response_mask"],
+                                      chunk_size)
     p, two, length = batch["input_ids"].shape
     flat = [batch[k].reshape(p * two, length)
             for k in ("input_ids", "attention_mask", "loss_mask")]

@@ -47,8 +47,6 @@ from dice_jax.training.state import (
 )
 from dice_jax.training.step import make_eval_step, make_logps_step, make_train_step
 
-SEQ_KEYS = ("input_ids", "attention_mask", "loss_mask")
-
 
 def compiled_steps(model_config: ModelConfig, cfg: TrainConfig, mesh: Mesh,
                    rules: Rules) -> tuple[Any, TrainState, Any, Any, Any]:
@@ -58,7 +56,7 @@ def compiled_steps(model_config: ModelConfig, cfg: TrainConfig, mesh: Mesh,
     base = TrainConfig()
     loop_only = ("max_steps", "eval_every", "save_every", "keep_checkpoints", "seed",
                  "max_length", "max_prompt_length", "truncation_mode", "pad_to_multiple",
-                 "eval_batch_size", "mesh")
+                 "eval_batch_size", "mesh", "shared_prompt")
     return _compiled_steps(model_config, cfg.replace(**{k: getattr(base, k)
                                                         for k in loop_only}), mesh, rules)
 
@@ -97,13 +95,21 @@ def padded_batches(data: PairArrays, batch_size: int) -> list[tuple[np.ndarray, 
     return out
 
 
+def model_inputs(data: PairArrays, split_lengths: tuple[int, int] | None
+                 ) -> dict[str, np.ndarray]:
+    """The arrays a step reads: the shared-prompt layout with the given `(prompt_length,
+    response_length)`, or with None the right-padded one."""
+    return data.as_dict() if split_lengths is None else data.shared_prompt_dict(*split_lengths)
+
+
 def compute_reference_logps(logps_fn: Callable, params: Any, data: PairArrays,
-                            batch_size: int, put: Callable, progress: bool = True) -> np.ndarray:
+                            batch_size: int, put: Callable, progress: bool = True,
+                            split_lengths: tuple[int, int] | None = None) -> np.ndarray:
     """Summed reference log-probs float32 `[pairs, 2]` of every pair (one forward each)."""
     out = np.zeros((len(data), 2), np.float32)
     for idx, real in tqdm(padded_batches(data, batch_size), desc="reference log-probs",
                           leave=False, disable=bar_disabled(progress)):
-        logps, _ = logps_fn(params, put(data.take(idx).as_dict()))
+        logps, _ = logps_fn(params, put(model_inputs(data.take(idx), split_lengths)))
         out[idx[:real]] = np.asarray(jax.device_get(logps))[:real]
     return out
 
@@ -152,6 +158,10 @@ class DPOTrainer:
         (self.optimizer, self.shardings, self._train_step, self._eval_step,
          self._logps_step) = compiled_steps(model_config, cfg, self.mesh, tuple(rules))
         self.sampler = PairSampler(len(train_data), cfg.batch_size, cfg.seed)
+        # One static layout per split, so that every batch of it has the same shapes.
+        self.split_lengths = {split: self._layout(split, data)
+                              for split, data in (("train", train_data), ("eval", eval_data))
+                              if data is not None and len(data)}
         self.log(memory_plan(model_config, dict(self.mesh.shape), cfg).format(
             f"{model_config.model_type} policy"))
         params = jax.device_put(params, self.shardings.params)
@@ -173,6 +183,17 @@ class DPOTrainer:
     def eval_batch_size(self) -> int:
         return self.cfg.eval_batch_size or self.cfg.micro_batch_size
 
+    def _layout(self, split: str, data: PairArrays) -> tuple[int, int] | None:
+        """The shared-prompt layout's `(prompt_length, response_length)` for `data`, or
+        None (rows run whole) when it is off or some pair's rows differ in their prompt."""
+        if not self.cfg.shared_prompt:
+            return None
+        try:
+            return data.split_lengths()
+        except DiceError as e:
+            self.log(f"{split} data: {e}; every row runs whole")
+            return None
+
     def _put_pairs(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return {k: put_process_local(v, batch_sharding(self.mesh, v.shape, 0, self.rules), 0)
                 for k, v in arrays.items()}
@@ -190,9 +211,9 @@ class DPOTrainer:
                 continue
             out[split], computed = load_or_compute_reference(
                 cache_dir, split, data, identity,
-                lambda data=data: compute_reference_logps(
+                lambda data=data, split=split: compute_reference_logps(
                     self._logps_step, ref_params, data, self.eval_batch_size, self._put_pairs,
-                    self.progress))
+                    self.progress, self.split_lengths[split]))
             self.log(f"reference log-probs ({split}, {len(data)} pairs): "
                      f"{'computed and cached' if computed else 'loaded from cache'}")
         return out
@@ -226,10 +247,11 @@ class DPOTrainer:
     def _train_batch(self, step: int) -> tuple[dict[str, jax.Array], int]:
         idx = self.sampler.indices(step)
         accum, micro = self.cfg.grad_accum, self.cfg.micro_batch_size
+        pairs = self.train_data.take(idx)
         host = {k: v.reshape(accum, micro, *v.shape[1:])
-                for k, v in self.train_data.take(idx).as_dict().items()}
+                for k, v in model_inputs(pairs, self.split_lengths["train"]).items()}
         host["ref_logps"] = self.reference["train"][idx].reshape(accum, micro, 2)
-        tokens = int(host["attention_mask"].sum())
+        tokens = int(pairs.attention_mask.sum())
         return {k: put_process_local(v, batch_sharding(self.mesh, v.shape, 1, self.rules), 1)
                 for k, v in host.items()}, tokens
 
@@ -247,7 +269,7 @@ class DPOTrainer:
             return {}
         sums: dict[str, float] = {}
         for idx, real in padded_batches(self.eval_data, self.eval_batch_size):
-            host = self.eval_data.take(idx).as_dict()
+            host = model_inputs(self.eval_data.take(idx), self.split_lengths["eval"])
             host["ref_logps"] = self.reference["eval"][idx]
             metrics = jax.device_get(self._eval_step(self.state.params, self._put_pairs(host)))
             for k, v in metrics.items():

@@ -1,10 +1,13 @@
 """The jitted DPO train step (gradient accumulation by `lax.scan`), eval and log-prob steps.
 
-A train batch is a dict of host arrays with a leading micro-batch axis:
-`input_ids`, `attention_mask`, `loss_mask` int32 `[grad_accum, micro, 2, length]` and
-`ref_logps` float32 `[grad_accum, micro, 2]` (cached reference log-prob sums). Axis 1 (pairs)
-is sharded over the mesh's batch axes. Metrics (TRL names) are means over all pairs of the
-step; `grad_norm` is the global norm before clipping.
+A train batch is a dict of host arrays with a leading micro-batch axis: the pairs'
+tokens in either layout of `dice_jax.training.logprobs` (`input_ids`, `attention_mask`,
+`loss_mask` int32 `[grad_accum, micro, 2, length]`, or the shared-prompt `prompt_ids`,
+`prompt_mask` `[grad_accum, micro, prompt_len]` and `response_ids`, `response_mask`
+`[grad_accum, micro, 2, response_len]`) and `ref_logps` float32 `[grad_accum, micro, 2]`
+(cached reference log-prob sums). Axis 1 (pairs) is sharded over the mesh's batch axes.
+Metrics (TRL names) are means over all pairs of the step; `grad_norm` is the global norm
+before clipping.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ from dice_jax.training.state import TrainState, learning_rate_schedule, replicat
 
 Array = jax.Array
 Batch = dict[str, Array]
-SEQ_KEYS = ("input_ids", "attention_mask", "loss_mask")
 
 
 def pair_losses(params: Any, batch: Batch, model_config: ModelConfig,
@@ -59,7 +61,7 @@ def train_step(state: TrainState, batch: Batch, *, model_config: ModelConfig,
     unchanged and reports `finite = 0`.
     """
     grad_fn = jax.value_and_grad(micro_batch_loss, has_aux=True)
-    accum = batch["input_ids"].shape[0]
+    accum = batch["ref_logps"].shape[0]
 
     def one(micro: Batch) -> tuple[Any, dict[str, Array]]:
         (_, metrics), grads = grad_fn(state.params, micro, model_config, cfg)
