@@ -1,5 +1,6 @@
 """Imported tiny HF models give transformers' logits on padded batches (<= 1e-4, float32)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -102,3 +103,37 @@ def test_blocked_causal_attention_matches_brute_force(offset, window):
     sees = np.asarray(allowed)[:, 0, 0].any(-1)  # [b, t]
     assert sees.mean() > 0.7
     assert np.max(np.abs(np.asarray(blocked) - ref)[sees]) < 1e-5
+
+
+@pytest.mark.parametrize("offset,window", [(0, None), (40, 30)])
+def test_attention_gradients_match_plain_softmax_attention(offset, window):
+    """The flash-style backward pass of `grouped_attention` (recomputed scores, saved row
+    maxima and sums) = autodiff of a plain dense softmax attention, for q, k and v."""
+    rng = np.random.default_rng(7 + offset)
+    b, t, h, kv, d = 2, 150, 6, 2, 8
+    keys = offset + t
+    q = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((b, keys, kv, d)), jnp.float32) for _ in range(2))
+    valid = np.ones((b, keys), np.int32)
+    valid[1, :25] = 0
+    allowed = attention_allowed(jnp.broadcast_to(offset + jnp.arange(t), (b, t)),
+                                jnp.broadcast_to(jnp.arange(keys), (b, keys)),
+                                jnp.asarray(valid), window)
+    sees = np.asarray(allowed)[:, 0, 0].any(-1)  # queries with a key to see
+    weights = jnp.asarray(rng.standard_normal((b, t, h, d)) * sees[..., None, None],
+                          jnp.float32)
+
+    def plain(q, k, v):
+        k, v = (jnp.repeat(x, h // kv, axis=2) for x in (k, v))
+        s = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(d)
+        p = jax.nn.softmax(jnp.where(allowed[:, 0], s, -1e30), axis=-1)
+        return jnp.einsum("bhts,bshd->bthd", p, v)
+
+    def grad(fn):
+        return jax.grad(lambda *a: jnp.sum(weights * fn(*a)), argnums=(0, 1, 2))(q, k, v)
+
+    want = grad(plain)
+    for blocks in (offset, None):  # causal query blocks, one block
+        got = grad(lambda q, k, v, o=blocks: grouped_attention(q, k, v, allowed, o))
+        for x, y in zip(got, want):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
