@@ -107,8 +107,8 @@ def test_blocked_causal_attention_matches_brute_force(offset, window):
 
 @pytest.mark.parametrize("offset,window", [(0, None), (40, 30)])
 def test_attention_gradients_match_plain_softmax_attention(offset, window):
-    """The flash-style backward pass of `grouped_attention` (recomputed scores, saved row
-    maxima and sums) = autodiff of a plain dense softmax attention, for q, k and v."""
+    """Gradients of `grouped_attention` (causal query blocks, the softmax normalised after
+    the value product) = autodiff of a plain dense softmax attention, for q, k and v."""
     rng = np.random.default_rng(7 + offset)
     b, t, h, kv, d = 2, 150, 6, 2, 8
     keys = offset + t

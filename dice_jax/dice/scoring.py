@@ -49,10 +49,14 @@ from tqdm.auto import tqdm
 from dice_jax.dice.builder import ScoredSamples
 from dice_jax.errors import DiceError
 from dice_jax.models.config import ModelConfig
-from dice_jax.models.decoder import Decoder, init_cache, positions_from_mask
 from dice_jax.sampling.store import SampleSet
 from dice_jax.sharding import DEFAULT_RULES, Rules, make_mesh, param_shardings
-from dice_jax.training.logprobs import DEFAULT_CHUNK, sequence_logprobs, token_logprobs
+from dice_jax.training.logprobs import (
+    DEFAULT_CHUNK,
+    prefill_prompts,
+    response_logprobs,
+    sequence_logprobs,
+)
 from dice_jax.training.state import batch_sharding, put_process_local, replicated
 from dice_jax.training.step import MeshFunction
 
@@ -168,37 +172,22 @@ def shared_prompt_functions(config: ModelConfig, mesh: Mesh, rules: Rules = DEFA
     `responses(params, cache, last, prompt_mask [G, P], row_prompt [rows] int32,
     response_ids [rows, R], response_mask [rows, R])` (responses RIGHT-padded) ->
     `(logps [rows] float32, counts [rows] int32)`: each row's response runs against its
-    prompt's cache (`Decoder.extend` at slots P..P+R-1); response token j is scored by
+    prompt's cache (`training.logprobs.response_logprobs`: `Decoder.extend` at slots
+    P..P+R-1); response token j is scored by
     the hidden state before it (`last` for j = 0), the vocabulary projection and float32
     log-softmax chunked as in training (`token_logprobs`).
     """
     def prefill(params: Any, prompt_ids: jax.Array, prompt_mask: jax.Array
                 ) -> tuple[dict, jax.Array]:
-        g, p = prompt_ids.shape
-        hidden, cache = Decoder(config).apply(
-            {"params": params}, prompt_ids, positions_from_mask(prompt_mask), prompt_mask,
-            init_cache(config, g, p), 0, return_hidden=True, method=Decoder.extend)
-        return cache, hidden[:, -1]
+        return prefill_prompts(params, config, prompt_ids, prompt_mask)
 
     def responses(params: Any, cache: dict, last: jax.Array, prompt_mask: jax.Array,
                   row_prompt: jax.Array, response_ids: jax.Array, response_mask: jax.Array
                   ) -> tuple[jax.Array, jax.Array]:
-        r = response_ids.shape[1]
-        p = prompt_mask.shape[1]
-        pad = ((0, 0), (0, 0), (0, r), (0, 0), (0, 0))
-        rows_cache = {name: jnp.pad(jnp.take(a, row_prompt, axis=1), pad)
-                      for name, a in cache.items()}
-        kv_mask = jnp.concatenate([prompt_mask[row_prompt], response_mask], axis=1)
-        prompt_len = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)[row_prompt]
-        positions = prompt_len[:, None] + jnp.arange(r, dtype=jnp.int32)[None]
-        hidden, _ = Decoder(config).apply(
-            {"params": params}, response_ids, positions, kv_mask, rows_cache, p,
-            return_hidden=True, method=Decoder.extend)
-        scorers = jnp.concatenate([last[row_prompt][:, None].astype(hidden.dtype),
-                                   hidden[:, :-1]], axis=1)
-        per_token = token_logprobs(params, config, scorers, response_ids, response_mask,
-                                   chunk_size)
-        return jnp.sum(per_token, axis=-1), jnp.sum(response_mask, axis=-1, dtype=jnp.int32)
+        rows_cache = {name: jnp.take(a, row_prompt, axis=1) for name, a in cache.items()}
+        return response_logprobs(params, config, rows_cache, last[row_prompt],
+                                 prompt_mask[row_prompt], response_ids, response_mask,
+                                 chunk_size)
 
     out = replicated(mesh)
     return (MeshFunction(prefill, mesh, tuple(rules), out_shardings=(out, out)),

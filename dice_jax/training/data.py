@@ -65,11 +65,12 @@ class PairArrays:
         scored = self.loss_mask.astype(bool)
         real = self.attention_mask.sum(-1)
         first = np.where(scored.any(-1), scored.argmax(-1), real)  # [pairs, 2]
-        for i in np.flatnonzero((first[:, 0] != first[:, 1]) | np.any(
-                (self.input_ids[:, 0] != self.input_ids[:, 1])
-                & (np.arange(self.length)[None] < first[:, :1]), axis=-1)):
-            raise DiceError(f"pair {i}: chosen and rejected do not share their prompt tokens "
-                            "(train with shared_prompt=False)")
+        in_prompt = np.arange(self.length)[None] < first[:, :1]
+        differ = np.any((self.input_ids[:, 0] != self.input_ids[:, 1]) & in_prompt, axis=-1)
+        bad = np.flatnonzero((first[:, 0] != first[:, 1]) | differ)
+        if bad.size:
+            raise DiceError(f"pair {bad[0]}: chosen and rejected do not share their prompt "
+                            "tokens (train with shared_prompt=False)")
         return first[:, 0].astype(np.int32)
 
     def split_lengths(self, multiple: int = 16) -> tuple[int, int]:

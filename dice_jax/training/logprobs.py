@@ -106,41 +106,63 @@ def sequence_logprobs(params: Any, config: ModelConfig, input_ids: Array,
     return jnp.sum(per_token, axis=-1), jnp.sum(mask, axis=-1).astype(jnp.int32)
 
 
+def prefill_prompts(params: Any, config: ModelConfig, prompt_ids: Array, prompt_mask: Array
+                    ) -> tuple[dict[str, Array], Array]:
+    """Prompts `[G, P]` (LEFT-padded) -> their KV cache `{"k", "v"} [layers, G, P, kv_heads,
+    head_dim]` (`Decoder.extend` at slots `0..P-1`) and the normed hidden state after each
+    prompt's last token `[G, embed]`, which scores the first response token."""
+    g, p = prompt_ids.shape
+    hidden, cache = Decoder(config).apply(
+        {"params": params}, prompt_ids, positions_from_mask(prompt_mask), prompt_mask,
+        init_cache(config, g, p), 0, return_hidden=True, method=Decoder.extend)
+    return cache, hidden[:, -1]
+
+
+def response_logprobs(params: Any, config: ModelConfig, prompt_cache: dict[str, Array],
+                      last: Array, prompt_mask: Array, response_ids: Array,
+                      response_mask: Array, chunk_size: int = DEFAULT_CHUNK
+                      ) -> tuple[Array, Array]:
+    """Each row's response against its own prompt's cache: summed log-probs float32
+    `[rows]` and scored-token counts int32 `[rows]`.
+
+    `prompt_cache` `[layers, rows, P, kv_heads, head_dim]`, `last [rows, embed]` and
+    `prompt_mask [rows, P]` as `prefill_prompts` gives them, taken per row;
+    `response_ids`/`response_mask` `[rows, R]` right-padded, at slots `P..P+R-1`. Response
+    token `j` is scored by the hidden state before it (`last` for `j = 0`; not scored when
+    the prompt is empty, as in the right-padded layout).
+    """
+    r = response_ids.shape[1]
+    p = prompt_mask.shape[1]
+    pad = ((0, 0), (0, 0), (0, r), (0, 0), (0, 0))
+    cache = {name: jnp.pad(a, pad) for name, a in prompt_cache.items()}
+    prompt_len = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)
+    positions = prompt_len[:, None] + jnp.arange(r, dtype=jnp.int32)[None]
+    hidden, _ = Decoder(config).apply(
+        {"params": params}, response_ids, positions,
+        jnp.concatenate([prompt_mask, response_mask], axis=1), cache, p,
+        return_hidden=True, method=Decoder.extend)
+    scorers = jnp.concatenate([last[:, None].astype(hidden.dtype), hidden[:, :-1]], axis=1)
+    first = jnp.arange(r)[None] == 0
+    mask = jnp.where(first & (prompt_len[:, None] == 0), 0, response_mask)
+    per_token = token_logprobs(params, config, scorers, response_ids, mask, chunk_size)
+    return jnp.sum(per_token, axis=-1), jnp.sum(mask, axis=-1, dtype=jnp.int32)
+
+
 def shared_prompt_logprobs(params: Any, config: ModelConfig, prompt_ids: Array,
                            prompt_mask: Array, response_ids: Array, response_mask: Array,
                            chunk_size: int = DEFAULT_CHUNK) -> tuple[Array, Array]:
     """Summed response log-probs float32 `[pairs, 2]` and scored-token counts int32
-    `[pairs, 2]` with each prompt run once (the shared-prompt layout of the module doc).
-
-    The prompts fill a KV cache (`Decoder.extend` at slots `0..prompt_len-1`), each pair's
-    cache is repeated for its two responses, which run against it at slots
-    `prompt_len..`. Response token `j` is scored by the hidden state before it (the
-    prompt's last one for `j = 0`; not scored when the prompt is empty, as in the
-    right-padded layout).
-    """
-    p, lp = prompt_ids.shape
-    lr = response_ids.shape[-1]
-    model = Decoder(config)
-    hidden, cache = model.apply({"params": params}, prompt_ids, positions_from_mask(prompt_mask),
-                                prompt_mask, init_cache(config, p, lp), 0, return_hidden=True,
-                                method=Decoder.extend)
-    pad = ((0, 0), (0, 0), (0, lr), (0, 0), (0, 0))
-    cache = {name: jnp.pad(jnp.repeat(a, 2, axis=1), pad) for name, a in cache.items()}
-    ids = response_ids.reshape(2 * p, lr)
-    mask = response_mask.reshape(2 * p, lr)
-    prompt_mask2 = jnp.repeat(prompt_mask, 2, axis=0)
-    prompt_len = jnp.sum(prompt_mask2, axis=1, dtype=jnp.int32)
-    positions = prompt_len[:, None] + jnp.arange(lr, dtype=jnp.int32)[None]
-    out, _ = model.apply({"params": params}, ids, positions,
-                         jnp.concatenate([prompt_mask2, mask], axis=1), cache, lp,
-                         return_hidden=True, method=Decoder.extend)
-    last = jnp.repeat(hidden[:, -1:], 2, axis=0).astype(out.dtype)
-    scorers = jnp.concatenate([last, out[:, :-1]], axis=1)
-    first = jnp.arange(lr)[None] == 0
-    mask = jnp.where(first & (prompt_len[:, None] == 0), 0, mask)
-    per_token = token_logprobs(params, config, scorers, ids, mask, chunk_size)
-    return (jnp.sum(per_token, axis=-1).reshape(p, 2),
-            jnp.sum(mask, axis=-1, dtype=jnp.int32).reshape(p, 2))
+    `[pairs, 2]` with each prompt run once (the shared-prompt layout of the module doc):
+    the prompts are prefilled (`prefill_prompts`), and each pair's cache is repeated for
+    its two responses (`response_logprobs`)."""
+    p, lr = prompt_ids.shape[0], response_ids.shape[-1]
+    cache, last = prefill_prompts(params, config, prompt_ids, prompt_mask)
+    twice = lambda a, axis=0: jnp.repeat(a, 2, axis=axis)  # noqa: E731
+    logps, counts = response_logprobs(
+        params, config, {name: twice(a, 1) for name, a in cache.items()}, twice(last),
+        twice(prompt_mask), response_ids.reshape(2 * p, lr), response_mask.reshape(2 * p, lr),
+        chunk_size)
+    return logps.reshape(p, 2), counts.reshape(p, 2)
 
 
 def pair_logprobs(params: Any, config: ModelConfig, batch: dict[str, Array],
