@@ -1,7 +1,7 @@
 """Reference scoring throughput: dice-jax's scorer vs the same math in PyTorch transformers.
 
     python benchmarks/scoring.py [--prompts 32] [--k 4] [--reps 2] [--batch-size 16]
-                                 [--whole] [--torch-sorted]
+                                 [--whole] [--padded] [--torch-sorted]
 
 Both sides: SmolLM2-135M-Instruct (the embedded GGUF, dequantised to float32), the same
 `prompts x k` sequences of 136-264 tokens (about 200 on average; a 32-96-token prompt per
@@ -13,9 +13,11 @@ once per response, as both sides deliver one score per (prompt, response)).
 - dice-jax: `dice_jax.dice.scoring.sequence_scores`, the reference forward of
   `score_samples`, with its defaults: each prompt runs once and its K responses attend to
   its KV cache; responses sorted by length, padded to `bucket_length` (multiples of
-  32 up to 256, of 64 up to 512); logits only at
-  response positions, float32 log-softmax chunked. One CPU device. `--whole` adds a row
-  with `share_prompts=False` (every row a whole prompt + response, `sequence_logprobs`).
+  32 up to 256, of 64 up to 512) for attention, while the weight matmuls and the
+  vocabulary projection run on the packed real tokens only (`models.packing`); float32
+  log-softmax chunked. One CPU device. `--whole` adds a row
+  with `share_prompts=False` (every row a whole prompt + response, `sequence_logprobs`),
+  `--padded` one with `pack_tokens=False` (every matmul on the padded rows).
 - PyTorch: TRL's reference log-prob math (`get_batch_logps`) on
   `AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32")` under
   `torch.no_grad()`: batches in dataset order, right-padded to the batch's longest row,
@@ -42,6 +44,7 @@ import numpy as np
 
 from dice_jax.checkpoints import embedded_gguf_path, load_model
 from dice_jax.dice.scoring import plan_batches, plan_prompt_groups, sequence_scores
+from dice_jax.models.packing import packed_capacity
 
 Rows = tuple[list[list[int]], list[int], list[list[int]]]  # prompts, prompt index, responses
 
@@ -61,27 +64,35 @@ def make_rows(prompts: int, k: int, vocab: int, seed: int = 0) -> Rows:
 
 
 class JaxSide:
-    def __init__(self, loaded, rows: Rows, batch_size: int, share_prompts: bool) -> None:
+    def __init__(self, loaded, rows: Rows, batch_size: int, share_prompts: bool,
+                 pack_tokens: bool = True) -> None:
         self.params, self.config = loaded.params, loaded.config
         self.prompts, self.index, self.responses = rows
-        self.batch_size, self.share = batch_size, share_prompts
+        self.batch_size, self.share, self.pack = batch_size, share_prompts, pack_tokens
 
     def run(self) -> np.ndarray:
         return sequence_scores(self.params, self.config, self.prompts, self.responses,
                                self.index, batch_size=self.batch_size,
-                               share_prompts=self.share, progress=False)[0]
+                               share_prompts=self.share, pack_tokens=self.pack,
+                               progress=False)[0]
 
     def computed_tokens(self) -> int:
-        """Token positions through the decoder body, padding included."""
+        """Token positions through the decoder's weight matmuls, padding included."""
         if not self.share:
             lengths = [len(self.prompts[i]) + len(r) for i, r in zip(self.index,
                                                                       self.responses)]
             return sum(self.batch_size * w for w, _ in plan_batches(lengths, self.batch_size))
         groups = plan_prompt_groups([len(p) for p in self.prompts], self.index,
                                     self.batch_size)
-        return sum(size * width + sum(self.batch_size * w for w, _ in plan_batches(
-            [len(self.responses[n]) for n in rows], self.batch_size))
-            for size, width, _, rows in groups)
+        total = 0
+        for size, width, members, rows in groups:
+            real = sum(len(self.prompts[i]) for i in members)
+            total += packed_capacity(real) if self.pack else size * width
+            lengths = [len(self.responses[n]) for n in rows]
+            for w, picked in plan_batches(lengths, self.batch_size):
+                real = sum(lengths[j] for j in picked)
+                total += packed_capacity(real) if self.pack else self.batch_size * w
+        return total
 
 
 class TorchSide:
@@ -153,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--whole", action="store_true",
                         help="also time dice-jax without prompt sharing")
+    parser.add_argument("--padded", action="store_true",
+                        help="also time dice-jax with prompt sharing but padded tokens")
     parser.add_argument("--torch-sorted", action="store_true",
                         help="also time PyTorch on dice-jax's length-sorted batches")
     parser.add_argument("--skip-torch", action="store_true")
@@ -164,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     tokens = sum(len(prompts[i]) + len(r) for i, r in zip(index, responses))
     sides: dict[str, JaxSide | TorchSide] = {
         "dice-jax": JaxSide(loaded, rows, args.batch_size, share_prompts=True)}
+    if args.padded:
+        sides["dice-jax, padded tokens"] = JaxSide(loaded, rows, args.batch_size, True, False)
     if args.whole:
         sides["dice-jax, no prompt sharing"] = JaxSide(loaded, rows, args.batch_size, False)
     if not args.skip_torch:

@@ -107,12 +107,13 @@ def test_sampler_logprobs_equal_full_forward(run):
 def test_scores_equal_two_direct_forwards(run):
     """(b) log pi and log pi_ref per (prompt, response) equal two independent forwards,
     whether log pi is reused or recomputed, prompts shared (run once, responses against
-    their KV cache) or not, whatever the batching and grouping."""
+    their KV cache; tokens packed or padded) or not, whatever the batching and grouping."""
     samples, config = run["samples"], run["config"]
     want_ref, want_pi = sums(run["direct_reference"]), sums(run["direct_policy"])
     assert np.abs(want_ref - want_pi).max() > 1.0  # two really different models
     counts = np.array([[len(y) for y in row] for row in samples.token_ids])
     for kw in (dict(batch_size=16), dict(batch_size=3, buckets="pow2", prompt_group=3),
+               dict(batch_size=4, prompt_group=2, pack_tokens=False),
                dict(batch_size=5, buckets=32, chunk_size=8, share_prompts=False)):
         scored = score_samples(samples, config, run["reference"], run["policy"],
                                reuse_policy_logps=False, progress=False, **kw)

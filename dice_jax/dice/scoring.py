@@ -17,7 +17,10 @@ The forward (`sequence_scores`) has two layouts, equal up to float rounding (tes
   Prompts are prefilled in groups (`[G, P]`, left-padded, `Decoder.extend` into a KV
   cache); then the group's responses, sorted by length, run in batches of `batch_size`
   rows (`[rows, R]`, right-padded), each row attending to its prompt's cache. Logits are
-  computed only at the positions that score a response token.
+  computed only at the positions that score a response token. With `pack_tokens`
+  (default) the prompts' and responses' real tokens are packed (`models.packing`): every
+  per-token matmul (projections, MLP, vocabulary projection) skips the padding, and only
+  attention runs on the padded rows.
 - whole sequences (`share_prompts=False`): every row is prompt + response, `[rows, T]`
   right-padded, through one jitted `sequence_logprobs` (the training function).
 
@@ -49,6 +52,7 @@ from tqdm.auto import tqdm
 from dice_jax.dice.builder import ScoredSamples
 from dice_jax.errors import DiceError
 from dice_jax.models.config import ModelConfig
+from dice_jax.models.packing import Packing, packed_capacity, packing_from_mask
 from dice_jax.sampling.store import SampleSet
 from dice_jax.sharding import DEFAULT_RULES, Rules, make_mesh, param_shardings
 from dice_jax.training.logprobs import (
@@ -163,31 +167,36 @@ def shared_prompt_functions(config: ModelConfig, mesh: Mesh, rules: Rules = DEFA
     """`(prefill, responses)`, jitted on `mesh`, for scoring K responses per prompt with
     each prompt run once.
 
-    `prefill(params, prompt_ids [G, P], prompt_mask [G, P])` (prompts LEFT-padded) ->
+    `prefill(params, prompt_ids [G, P], prompt_mask [G, P], packing=None)` (prompts
+    LEFT-padded) ->
     `(cache, last)`: the prompts' KV cache `{"k", "v"} [layers, G, P, kv_heads,
     head_dim]` and the normed hidden state after each prompt's last token `[G, embed]`
     (it scores the first response token), both replicated so that any batch of responses
     can read any prompt of the group.
 
     `responses(params, cache, last, prompt_mask [G, P], row_prompt [rows] int32,
-    response_ids [rows, R], response_mask [rows, R])` (responses RIGHT-padded) ->
+    response_ids [rows, R], response_mask [rows, R], packing=None)` (responses
+    RIGHT-padded) ->
     `(logps [rows] float32, counts [rows] int32)`: each row's response runs against its
     prompt's cache (`training.logprobs.response_logprobs`: `Decoder.extend` at slots
     P..P+R-1); response token j is scored by
     the hidden state before it (`last` for j = 0), the vocabulary projection and float32
     log-softmax chunked as in training (`token_logprobs`).
+
+    `packing` (a `models.packing.Packing` of the batch's mask, or None): the weight
+    matmuls and the vocabulary projection run on the real tokens only.
     """
-    def prefill(params: Any, prompt_ids: jax.Array, prompt_mask: jax.Array
-                ) -> tuple[dict, jax.Array]:
-        return prefill_prompts(params, config, prompt_ids, prompt_mask)
+    def prefill(params: Any, prompt_ids: jax.Array, prompt_mask: jax.Array,
+                packing: Packing | None = None) -> tuple[dict, jax.Array]:
+        return prefill_prompts(params, config, prompt_ids, prompt_mask, packing)
 
     def responses(params: Any, cache: dict, last: jax.Array, prompt_mask: jax.Array,
-                  row_prompt: jax.Array, response_ids: jax.Array, response_mask: jax.Array
-                  ) -> tuple[jax.Array, jax.Array]:
+                  row_prompt: jax.Array, response_ids: jax.Array, response_mask: jax.Array,
+                  packing: Packing | None = None) -> tuple[jax.Array, jax.Array]:
         rows_cache = {name: jnp.take(a, row_prompt, axis=1) for name, a in cache.items()}
         return response_logprobs(params, config, rows_cache, last[row_prompt],
                                  prompt_mask[row_prompt], response_ids, response_mask,
-                                 chunk_size)
+                                 chunk_size, packing)
 
     out = replicated(mesh)
     return (MeshFunction(prefill, mesh, tuple(rules), out_shardings=(out, out)),
@@ -213,9 +222,10 @@ def sequence_scores(params: Any, config: ModelConfig, prompt_ids: Sequence[Seque
                     response_ids: Sequence[Sequence[int]],
                     prompt_index: Sequence[int] | None = None, *, mesh: Mesh | None = None,
                     batch_size: int = 16, buckets: Buckets = "auto", share_prompts: bool = True,
-                    prompt_group: int | None = None, chunk_size: int = DEFAULT_CHUNK,
-                    rules: Rules = DEFAULT_RULES, progress: bool = True,
-                    desc: str = "scoring") -> tuple[np.ndarray, np.ndarray]:
+                    prompt_group: int | None = None, pack_tokens: bool = True,
+                    chunk_size: int = DEFAULT_CHUNK, rules: Rules = DEFAULT_RULES,
+                    progress: bool = True, desc: str = "scoring"
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """Summed response log-probs float32 `[N]` and response token counts int64 `[N]` of N
     responses under the model `params`; response n continues prompt `prompt_index[n]`
     (default: prompt n).
@@ -225,6 +235,9 @@ def sequence_scores(params: Any, config: ModelConfig, prompt_ids: Sequence[Seque
     `param_shardings`. With `share_prompts` each prompt runs once, in groups of
     `prompt_group` prompts (default: about 8 batches of responses), and its responses
     attend to its KV cache; otherwise every row is a whole prompt + response sequence.
+    With `share_prompts` and `pack_tokens`, the weight matmuls and the vocabulary
+    projection run on the real tokens only (`models.packing`), attention on the padded
+    rows.
     """
     index = list(range(len(prompt_ids))) if prompt_index is None else [int(i) for i in
                                                                         prompt_index]
@@ -249,7 +262,7 @@ def sequence_scores(params: Any, config: ModelConfig, prompt_ids: Sequence[Seque
     with bar.bar:
         run(params, config, prompt_ids, response_ids, index, logps, counts, bar, mesh=mesh,
             rows=rows, buckets=buckets, chunk_size=chunk_size, rules=tuple(rules),
-            prompt_group=prompt_group)
+            prompt_group=prompt_group, pack_tokens=pack_tokens)
     expected = np.asarray([len(r) for r in response_ids], np.int64)
     if not np.array_equal(counts, expected):
         bad = int(np.flatnonzero(counts != expected)[0])
@@ -266,8 +279,8 @@ def _put(mesh: Mesh, rules: Rules, array: np.ndarray) -> jax.Array:
 def _score_whole(params: Any, config: ModelConfig, prompt_ids: Sequence[Sequence[int]],
                  response_ids: Sequence[Sequence[int]], index: list[int], logps: np.ndarray,
                  counts: np.ndarray, bar: _Progress, *, mesh: Mesh, rows: int,
-                 buckets: Buckets, chunk_size: int, rules: Rules, prompt_group: int | None
-                 ) -> None:
+                 buckets: Buckets, chunk_size: int, rules: Rules, prompt_group: int | None,
+                 pack_tokens: bool) -> None:
     """Every row a whole right-padded prompt + response through `sequence_logprobs`."""
     fn = scoring_function(config, mesh, rules, chunk_size)
     prompts = [prompt_ids[i] for i in index]
@@ -284,13 +297,21 @@ def _score_whole(params: Any, config: ModelConfig, prompt_ids: Sequence[Sequence
 def _score_shared(params: Any, config: ModelConfig, prompt_ids: Sequence[Sequence[int]],
                   response_ids: Sequence[Sequence[int]], index: list[int], logps: np.ndarray,
                   counts: np.ndarray, bar: _Progress, *, mesh: Mesh, rows: int,
-                  buckets: Buckets, chunk_size: int, rules: Rules, prompt_group: int | None
-                  ) -> None:
+                  buckets: Buckets, chunk_size: int, rules: Rules, prompt_group: int | None,
+                  pack_tokens: bool) -> None:
     """Prompts prefilled once per group; each response row against its prompt's cache."""
     prefill, responses = shared_prompt_functions(config, mesh, rules, chunk_size)
     pad_id = config.pad_token_id or 0
-    groups = plan_prompt_groups([len(p) for p in prompt_ids], index, rows,
-                                data_parallel_size(mesh, rules), buckets, prompt_group)
+    dp = data_parallel_size(mesh, rules)
+
+    def packing(mask: np.ndarray) -> Packing | None:  # placed like the batch, or None
+        if not pack_tokens:
+            return None
+        packed = packing_from_mask(mask, packed_capacity(np.count_nonzero(mask), dp), dp)
+        return Packing(*(_put(mesh, rules, a) for a in packed))
+
+    groups = plan_prompt_groups([len(p) for p in prompt_ids], index, rows, dp, buckets,
+                                prompt_group)
     for group, width, members, group_rows in groups:
         ids = np.full((group, width), pad_id, np.int32)
         mask = np.zeros((group, width), np.int32)
@@ -298,7 +319,7 @@ def _score_shared(params: Any, config: ModelConfig, prompt_ids: Sequence[Sequenc
             ids[g, width - len(prompt_ids[i]):] = prompt_ids[i]
             mask[g, width - len(prompt_ids[i]):] = 1
         mask_d = _put(mesh, rules, mask)
-        cache, last = prefill(params, _put(mesh, rules, ids), mask_d)
+        cache, last = prefill(params, _put(mesh, rules, ids), mask_d, packing(mask))
         local = {i: g for g, i in enumerate(members)}
         lengths = [len(response_ids[n]) for n in group_rows]
         for length, picked in plan_batches(lengths, rows, buckets):
@@ -312,7 +333,8 @@ def _score_shared(params: Any, config: ModelConfig, prompt_ids: Sequence[Sequenc
                 resp_mask[r, :len(response_ids[n])] = 1
             sums, got = jax.device_get(responses(
                 params, cache, last, mask_d, *(_put(mesh, rules, a) for a in
-                                               (row_prompt, resp, resp_mask))))
+                                               (row_prompt, resp, resp_mask)),
+                packing(resp_mask)))
             logps[chosen] = np.asarray(sums)[:len(chosen)]
             counts[chosen] = np.asarray(got)[:len(chosen)]
             bar.update(len(chosen), sum(len(prompt_ids[index[n]]) + len(response_ids[n])
@@ -344,8 +366,9 @@ def score_samples(sample_set: SampleSet, model_config: ModelConfig, reference_pa
                   policy_params: Any = None, *, mesh: Mesh | None = None,
                   batch_size: int = 16, reuse_policy_logps: bool = True,
                   buckets: Buckets = "auto", share_prompts: bool = True,
-                  prompt_group: int | None = None, chunk_size: int = DEFAULT_CHUNK,
-                  rules: Rules = DEFAULT_RULES, progress: bool = True) -> ScoredSamples:
+                  prompt_group: int | None = None, pack_tokens: bool = True,
+                  chunk_size: int = DEFAULT_CHUNK, rules: Rules = DEFAULT_RULES,
+                  progress: bool = True) -> ScoredSamples:
     """Both models' sequence log-probs of every sampled response, as `ScoredSamples`.
 
     `log pi_ref` from a forward of `reference_params`; `log pi` from the sampler's stored
@@ -364,7 +387,8 @@ def score_samples(sample_set: SampleSet, model_config: ModelConfig, reference_pa
     responses = [ids for row in sample_set.token_ids for ids in row]
     kw: dict[str, Any] = dict(mesh=mesh, batch_size=batch_size, buckets=buckets,
                               share_prompts=share_prompts, prompt_group=prompt_group,
-                              chunk_size=chunk_size, rules=rules, progress=progress)
+                              pack_tokens=pack_tokens, chunk_size=chunk_size, rules=rules,
+                              progress=progress)
     start = time.perf_counter()
     ref, counts = sequence_scores(reference_params, model_config, prompts, responses, index,
                                   desc="reference log-probs", **kw)

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from dice_jax.models.config import ModelConfig
+from dice_jax.models.packing import Packing, pack, unpack
 from dice_jax.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
 
 Array = jax.Array
@@ -151,13 +152,15 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, cos: Array, sin: Array, allowed: Array,
-                 cache_index: Array | int | None = None, cache: KVCache | None = None
-                 ) -> tuple[Array, KVCache | None]:
+                 cache_index: Array | int | None = None, cache: KVCache | None = None,
+                 packing: Packing | None = None) -> tuple[Array, KVCache | None]:
         """Without `cache`, attends within `x`. With one layer's `cache` (`[batch, cache_len,
         kv_heads, head_dim]` each), writes this chunk's keys/values at slot `cache_index`
         and attends over the whole cache (`allowed` is then `[..., q_len, cache_len]`).
         A Python-int `cache_index` is static: attention then skips the keys after the
-        chunk's last slot (`grouped_attention`'s causal blocks)."""
+        chunk's last slot (`grouped_attention`'s causal blocks). With `packing`, `x`,
+        `cos`, `sin` hold packed tokens (`models.packing`): the projections and RoPE run
+        on them, attention on the padded layout."""
         cfg = self.config
         e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q = project(x, _param(self, "q_proj", (e, h, d), ("embed", "heads", "head_dim")))
@@ -168,6 +171,8 @@ class Attention(nn.Module):
         k = nn.with_logical_constraint(apply_rope(k, cos, sin),
                                        ("batch", "length", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
+        if packing is not None:
+            q, k, v = (unpack(a, packing) for a in (q, k, v))
         if cache is not None:
             names = CACHE_AXES[1:]
             k = nn.with_logical_constraint(jax.lax.dynamic_update_slice_in_dim(
@@ -178,6 +183,8 @@ class Attention(nn.Module):
             k, v = k.astype(q.dtype), v.astype(q.dtype)
         offset = 0 if cache is None else cache_index if isinstance(cache_index, int) else None
         out = grouped_attention(q, k, v, allowed, offset)
+        if packing is not None:
+            out = pack(out, packing)
         o_proj = _param(self, "o_proj", (h, d, e), ("heads", "head_dim", "embed"))
         return project(out, o_proj, 2), cache
 
@@ -200,13 +207,13 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, cos: Array, sin: Array, allowed: Array,
-                 cache_index: Array | int | None = None, cache: KVCache | None = None
-                 ) -> tuple[Array, KVCache | None]:
+                 cache_index: Array | int | None = None, cache: KVCache | None = None,
+                 packing: Packing | None = None) -> tuple[Array, KVCache | None]:
         cfg = self.config
         ones = nn.initializers.ones
         norm = _param(self, "attn_norm", (cfg.hidden_size,), ("embed",), ones)
         h, cache = Attention(cfg, name="attn")(rms_norm(x, norm, cfg.rms_norm_eps), cos, sin,
-                                               allowed, cache_index, cache)
+                                               allowed, cache_index, cache, packing)
         x = x + h
         norm = _param(self, "mlp_norm", (cfg.hidden_size,), ("embed",), ones)
         x = x + MLP(cfg, name="mlp")(rms_norm(x, norm, cfg.rms_norm_eps))
@@ -236,7 +243,7 @@ class Decoder(nn.Module):
         layer = nn.remat(DecoderLayer, prevent_cse=False, policy=policy)
         self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                               in_axes=(nn.broadcast, nn.broadcast, nn.broadcast,
-                                       nn.broadcast, 0),
+                                       nn.broadcast, 0, nn.broadcast),
                               length=cfg.num_layers,
                               metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
         self.embed = self.param("embed", nn.with_logical_partitioning(_INIT, ("vocab", "embed")),
@@ -258,14 +265,15 @@ class Decoder(nn.Module):
         allowed = attention_allowed(slots, slots, attention_mask, cfg.sliding_window)
         cos, sin = rope_cos_sin(positions, inverse_frequencies(
             cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
-        x, _ = self.layers(x, cos, sin, allowed, None, None)
+        x, _ = self.layers(x, cos, sin, allowed, None, None, None)
         x = rms_norm(x, jnp.asarray(self.final_norm, dtype), cfg.rms_norm_eps)
         if return_hidden:
             return x
         return self.logits(x)
 
     def extend(self, input_ids: Array, positions: Array, kv_mask: Array, cache: KVCache,
-               cache_index: Array | int, return_hidden: bool = False) -> tuple[Array, KVCache]:
+               cache_index: Array | int, return_hidden: bool = False,
+               packing: Packing | None = None) -> tuple[Array, KVCache]:
         """Runs a chunk of new tokens against a KV cache (prefill, then one token a step).
 
         input_ids/positions `[batch, q_len]` occupy cache slots `cache_index ..
@@ -277,18 +285,23 @@ class Decoder(nn.Module):
         `[batch, q_len, vocab]` (or the normed hidden states with `return_hidden`) and the
         updated cache. Causality and the sliding window are measured in slots, as in
         `__call__`.
+
+        With `packing` (`models.packing`) the chunk is `packing.slot_token`'s `[batch,
+        q_len]`, but `input_ids`/`positions` and the result hold only its real tokens,
+        packed `[shards, capacity // shards]`: every per-token matmul skips the padding.
         """
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         x = jnp.take(jnp.asarray(self.embed, dtype), input_ids, axis=0)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        q_len, cache_len = input_ids.shape[1], kv_mask.shape[1]
-        q_slots = jnp.broadcast_to(cache_index + jnp.arange(q_len)[None], input_ids.shape)
+        shape = input_ids.shape if packing is None else packing.slot_token.shape
+        q_len, cache_len = shape[1], kv_mask.shape[1]
+        q_slots = jnp.broadcast_to(cache_index + jnp.arange(q_len)[None], shape)
         k_slots = jnp.broadcast_to(jnp.arange(cache_len)[None], kv_mask.shape)
         allowed = attention_allowed(q_slots, k_slots, kv_mask, cfg.sliding_window)
         cos, sin = rope_cos_sin(positions, inverse_frequencies(
             cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
-        x, cache = self.layers(x, cos, sin, allowed, cache_index, cache)
+        x, cache = self.layers(x, cos, sin, allowed, cache_index, cache, packing)
         x = rms_norm(x, jnp.asarray(self.final_norm, dtype), cfg.rms_norm_eps)
         return (x if return_hidden else self.logits(x)), cache
 

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from dice_jax.models.config import ModelConfig
 from dice_jax.models.decoder import Decoder, init_cache, positions_from_mask
+from dice_jax.models.packing import Packing, pack, unpack
 
 Array = jax.Array
 DEFAULT_CHUNK = 128
@@ -106,22 +107,29 @@ def sequence_logprobs(params: Any, config: ModelConfig, input_ids: Array,
     return jnp.sum(per_token, axis=-1), jnp.sum(mask, axis=-1).astype(jnp.int32)
 
 
-def prefill_prompts(params: Any, config: ModelConfig, prompt_ids: Array, prompt_mask: Array
-                    ) -> tuple[dict[str, Array], Array]:
+def prefill_prompts(params: Any, config: ModelConfig, prompt_ids: Array, prompt_mask: Array,
+                    packing: Packing | None = None) -> tuple[dict[str, Array], Array]:
     """Prompts `[G, P]` (LEFT-padded) -> their KV cache `{"k", "v"} [layers, G, P, kv_heads,
     head_dim]` (`Decoder.extend` at slots `0..P-1`) and the normed hidden state after each
-    prompt's last token `[G, embed]`, which scores the first response token."""
+    prompt's last token `[G, embed]`, which scores the first response token. With
+    `packing` (of `prompt_mask`, `models.packing`) the weight matmuls skip the padding."""
     g, p = prompt_ids.shape
+    ids, positions = prompt_ids, positions_from_mask(prompt_mask)
+    if packing is not None:
+        ids, positions = pack(ids, packing), pack(positions, packing)
     hidden, cache = Decoder(config).apply(
-        {"params": params}, prompt_ids, positions_from_mask(prompt_mask), prompt_mask,
-        init_cache(config, g, p), 0, return_hidden=True, method=Decoder.extend)
+        {"params": params}, ids, positions, prompt_mask, init_cache(config, g, p), 0,
+        return_hidden=True, packing=packing, method=Decoder.extend)
+    if packing is not None:  # only the last column is read: gather it, not the whole batch
+        return cache, jnp.take(hidden.reshape(-1, hidden.shape[-1]),
+                               packing.slot_token[:, -1], axis=0, mode="fill", fill_value=0)
     return cache, hidden[:, -1]
 
 
 def response_logprobs(params: Any, config: ModelConfig, prompt_cache: dict[str, Array],
                       last: Array, prompt_mask: Array, response_ids: Array,
-                      response_mask: Array, chunk_size: int = DEFAULT_CHUNK
-                      ) -> tuple[Array, Array]:
+                      response_mask: Array, chunk_size: int = DEFAULT_CHUNK,
+                      packing: Packing | None = None) -> tuple[Array, Array]:
     """Each row's response against its own prompt's cache: summed log-probs float32
     `[rows]` and scored-token counts int32 `[rows]`.
 
@@ -130,6 +138,9 @@ def response_logprobs(params: Any, config: ModelConfig, prompt_cache: dict[str, 
     `response_ids`/`response_mask` `[rows, R]` right-padded, at slots `P..P+R-1`. Response
     token `j` is scored by the hidden state before it (`last` for `j = 0`; not scored when
     the prompt is empty, as in the right-padded layout).
+
+    With `packing` (of `response_mask`, `models.packing`), the decoder's weight matmuls and
+    the vocabulary projection run on the real response tokens only.
     """
     r = response_ids.shape[1]
     p = prompt_mask.shape[1]
@@ -137,14 +148,28 @@ def response_logprobs(params: Any, config: ModelConfig, prompt_cache: dict[str, 
     cache = {name: jnp.pad(a, pad) for name, a in prompt_cache.items()}
     prompt_len = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)
     positions = prompt_len[:, None] + jnp.arange(r, dtype=jnp.int32)[None]
+    ids = response_ids
+    if packing is not None:
+        ids, positions = pack(ids, packing), pack(positions, packing)
     hidden, _ = Decoder(config).apply(
-        {"params": params}, response_ids, positions,
+        {"params": params}, ids, positions,
         jnp.concatenate([prompt_mask, response_mask], axis=1), cache, p,
-        return_hidden=True, method=Decoder.extend)
-    scorers = jnp.concatenate([last[:, None].astype(hidden.dtype), hidden[:, :-1]], axis=1)
+        return_hidden=True, packing=packing, method=Decoder.extend)
     first = jnp.arange(r)[None] == 0
     mask = jnp.where(first & (prompt_len[:, None] == 0), 0, response_mask)
-    per_token = token_logprobs(params, config, scorers, response_ids, mask, chunk_size)
+    if packing is None:
+        scorers = jnp.concatenate([last[:, None].astype(hidden.dtype), hidden[:, :-1]], axis=1)
+        per_token = token_logprobs(params, config, scorers, response_ids, mask, chunk_size)
+    else:  # a row's tokens are consecutive when packed: the scorer is the packed token
+        # before, or the row's `last` for its first token
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        before = jnp.concatenate([jnp.zeros_like(flat[:1]), flat[:-1]], axis=0)
+        slot = packing.token_slot.reshape(-1)
+        lasts = jnp.take(last.astype(flat.dtype), slot // r, axis=0, mode="fill", fill_value=0)
+        scorers = jnp.where((slot % r == 0)[:, None], lasts, before).reshape(hidden.shape)
+        packed = token_logprobs(params, config, scorers, pack(response_ids, packing),
+                                pack(mask, packing), chunk_size)
+        per_token = unpack(packed, packing)
     return jnp.sum(per_token, axis=-1), jnp.sum(mask, axis=-1, dtype=jnp.int32)
 
 
