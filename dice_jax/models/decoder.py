@@ -103,11 +103,14 @@ def _attend(q: Array, k: Array, v: Array, allowed: Array) -> Array:
     scores = jnp.einsum("bkqd,bksd->bkqs", qh * (d ** -0.5), kh).astype(jnp.float32)
     scores = jnp.where(allowed, scores.reshape(b, kv, g, t, -1), _MASKED)
     # The softmax is normalised after the value product (on [.., q_len, head_dim], not on
-    # the [.., q_len, k_len] weights): one pass less over the largest array.
+    # the [.., q_len, k_len] weights), and its row sums come out of that product too: a
+    # column of ones appended to the values costs 1/head_dim more matmul, where a separate
+    # reduction over the [.., q_len, k_len] weights costs XLA CPU more than the matmul.
     weights = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
-    total = jnp.sum(weights, axis=-1, keepdims=True)  # [b, kv, g, t, 1] float32
-    out = jnp.einsum("bkqs,bksd->bkqd", weights.astype(v.dtype).reshape(b, kv, g * t, -1), vh)
-    out = out.reshape(b, kv, g, t, d) / total.astype(out.dtype)
+    vh = jnp.concatenate([vh, jnp.ones((*vh.shape[:-1], 1), vh.dtype)], axis=-1)
+    out = jnp.einsum("bkqs,bksd->bkqd", weights.astype(v.dtype).reshape(b, kv, g * t, -1), vh,
+                     preferred_element_type=jnp.float32)  # [b, kv, g * t, d + 1]
+    out = (out[..., :d] / out[..., d:]).astype(v.dtype).reshape(b, kv, g, t, d)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
