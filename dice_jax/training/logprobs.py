@@ -167,8 +167,8 @@ def response_logprobs(params: Any, config: ModelConfig, prompt_cache: dict[str, 
         slot = packing.token_slot.reshape(-1)
         lasts = jnp.take(last.astype(flat.dtype), slot // r, axis=0, mode="fill", fill_value=0)
         scorers = jnp.where((slot % r == 0)[:, None], lasts, before).reshape(hidden.shape)
-        packed = token_logprobs(params, config, scorers, pack(response_ids, packing),
-                                pack(mask, packing), chunk_size)
+        packed = token_logprobs(params, config, scorers, ids, pack(mask, packing),
+                                chunk_size)  # ids: the packed response ids
         per_token = unpack(packed, packing)
     return jnp.sum(per_token, axis=-1), jnp.sum(mask, axis=-1, dtype=jnp.int32)
 
