@@ -3,3 +3,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# The longest modules first: with `pytest -n 2 --dist loadfile` (README) each module runs
+# whole on one worker, in collection order, so starting the long ones first keeps one
+# worker from finishing alone with a long module at the end. Serial runs are unaffected.
+LONGEST_FIRST = ("test_train_run.py", "test_train_sharded.py", "test_builtin_data.py",
+                 "test_sampling_smollm2.py", "test_sampling.py", "test_gguf.py",
+                 "test_scoring.py", "test_train_step.py", "test_evaluate.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

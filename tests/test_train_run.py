@@ -116,18 +116,21 @@ def test_tiny_config_runs_two_rounds_end_to_end(reference_run):
     assert os.path.getmtime(os.path.join(reference_run, "manifest.json")) == before
 
 
-@pytest.mark.parametrize("kill_at", ["round_1/sample:written", "round_1/score:written",
-                                     "round_2/train:step=2"])
-def test_sigkill_then_resume_gives_the_same_run(reference_run, tmp_path, kill_at):
+@pytest.mark.parametrize("kills", [("round_1/sample:written", "round_1/score:written"),
+                                   ("round_2/train:step=2",)],
+                         ids=["sample-then-score", "train"])
+def test_sigkill_then_resume_gives_the_same_run(reference_run, tmp_path, kills):
     run_dir = str(tmp_path / "killed")
-    # The stages before the killed one are taken from the uninterrupted run (the run loop
-    # treats them as done, as after any resume), so each case recomputes only from its
-    # kill point on; the end-to-end test above covers a run from scratch.
-    stage = kill_at.split(":")[0]
-    seed_stages(reference_run, run_dir, ORDER[:ORDER.index(stage)])
-    proc = train(run_dir, kill_at=kill_at)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-4000:]
-    assert stage not in manifest(run_dir)
+    # The stages before the first killed one are taken from the uninterrupted run (the run
+    # loop treats them as done, as after any resume), so each case recomputes only from its
+    # kill point on; the end-to-end test above covers a run from scratch. Two kills in a row
+    # (during sampling, then during scoring in the resumed run) also cover a crash of a
+    # resumed run.
+    seed_stages(reference_run, run_dir, ORDER[:ORDER.index(kills[0].split(":")[0])])
+    for kill_at in kills:
+        proc = train(run_dir, kill_at=kill_at)
+        assert proc.returncode == -signal.SIGKILL, (kill_at, proc.stderr[-4000:])
+        assert kill_at.split(":")[0] not in manifest(run_dir)
     train(run_dir)
     assert manifest(run_dir) == EXPECTED
     for t in (1, 2):
