@@ -9,7 +9,12 @@ from train_helpers import init_params, synthetic_pairs, tiny_config
 from dice_jax.errors import DiceError
 from dice_jax.models.decoder import Decoder, positions_from_mask
 from dice_jax.training.data import PairArrays, build_pairs
-from dice_jax.training.logprobs import pair_logprobs, pair_logprobs_jit, token_logprobs
+from dice_jax.training.logprobs import (
+    pair_logprobs,
+    pair_logprobs_jit,
+    token_logprobs,
+    vocab_logsumexp,
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +52,22 @@ def brute_force(config, params, data):
 
 def as_batch(data):
     return {k: jnp.asarray(v) for k, v in data.as_dict().items()}
+
+
+@pytest.mark.parametrize("vocab", [96, 97, 30, 1])  # 16 parts, prime (1 part), 15 parts, 1
+def test_vocab_logsumexp_in_slices_equals_numpy(vocab):
+    rng = np.random.default_rng(vocab)
+    x = rng.normal(scale=20.0, size=(3, 5, vocab)).astype(np.float32)  # spread: max matters
+    x[0, 0, :] = -1e30  # a row of (near) -inf logits stays finite, as one logsumexp would
+    ref = np.log(np.sum(np.exp(x.astype(np.float64) - x.max(-1, keepdims=True)), -1)) \
+        + x.max(-1)
+    got = np.asarray(jax.jit(vocab_logsumexp)(jnp.asarray(x)))
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-5)
+    # Its gradient is the softmax, as for a single log-sum-exp.
+    grad = np.asarray(jax.grad(lambda a: jnp.sum(vocab_logsumexp(a)[1:]))(jnp.asarray(x)))
+    soft = np.exp(x.astype(np.float64) - ref[..., None])
+    soft[0] = 0.0
+    np.testing.assert_allclose(grad, soft, atol=1e-6)
 
 
 def test_matches_brute_force_for_every_chunk_size(model, data):

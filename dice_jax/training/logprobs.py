@@ -37,6 +37,22 @@ Array = jax.Array
 DEFAULT_CHUNK = 128
 
 
+def vocab_logsumexp(logits: Array, max_parts: int = 16) -> Array:
+    """`log sum_v exp(logits[..., v])` float32 `[...]` of `logits [..., vocab]`, as the
+    log-sum-exp of the log-sum-exps of `parts` equal vocabulary slices (`parts` the largest
+    divisor of the vocabulary size up to `max_parts`): the same value up to float rounding.
+    Why: XLA:CPU runs a reduction over one long axis on a single thread, but spreads one
+    with an outer axis of slices over its threads; on 2 cores the vocabulary projection
+    plus log-sum-exp of SmolLM2 (49,152 columns) takes about a quarter less time."""
+    logits = logits.astype(jnp.float32)
+    vocab = logits.shape[-1]
+    parts = max(k for k in range(1, max_parts + 1) if vocab % k == 0)
+    if parts == 1:
+        return jax.nn.logsumexp(logits, axis=-1)
+    sliced = logits.reshape(*logits.shape[:-1], parts, vocab // parts)
+    return jax.nn.logsumexp(jax.nn.logsumexp(sliced, axis=-1), axis=-1)
+
+
 def _chunk_token_logps(params: Any, config: ModelConfig, hidden: Array, targets: Array,
                        mask: Array) -> Array:
     """Log-probs `[batch, chunk]` float32 of `targets` under the logits of `hidden`.
@@ -50,7 +66,7 @@ def _chunk_token_logps(params: Any, config: ModelConfig, hidden: Array, targets:
     def compute(_: None) -> Array:
         model = Decoder(config)
         logits = model.apply({"params": params}, hidden, method=Decoder.logits)
-        lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+        lse = vocab_logsumexp(logits)
         picked = model.apply({"params": params}, hidden, targets, method=Decoder.target_logits)
         return jnp.where(mask > 0, picked - lse, 0.0)
 
