@@ -6,7 +6,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # The longest modules first: with `pytest -n 2 --dist loadfile` (README) each module runs
 # whole on one worker, in collection order, so starting the long ones first keeps one
-# worker from finishing alone with a long module at the end. Serial runs are unaffected.
+# worker from finishing alone with a long module at the end. A serial run only changes
+# order.
 LONGEST_FIRST = ("test_train_run.py", "test_train_sharded.py", "test_builtin_data.py",
                  "test_sampling_smollm2.py", "test_sampling.py", "test_gguf.py",
                  "test_scoring.py", "test_train_step.py", "test_evaluate.py")
