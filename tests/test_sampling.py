@@ -2,6 +2,7 @@
 stopping, reproducibility, log-probs, input checks and memory batching."""
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import torch
 from helpers import padded_batch, save_hf, tiny_hf_model
 
 from dice_jax.checkpoints.hf import import_hf_folder
+from dice_jax.models import decoder
 from dice_jax.models.decoder import Decoder, cache_bytes, init_cache, positions_from_mask
 from dice_jax.sampling import Sampler, SamplingConfig
 
@@ -112,6 +114,37 @@ def test_decoder_extend_matches_forward(models, kind):
         pieces.append(np.asarray(logits))
     real = mask.astype(bool)
     assert np.max(np.abs(np.concatenate(pieces, 1)[real] - full[real])) <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_extend_at_a_static_slot_attends_in_causal_blocks(models, kind, monkeypatch):
+    """A Python-int slot reaches the layers inside the layer scan as an int, so attention
+    runs in causal query blocks (150 queries: 64 + 64 + 22), with the logits of a traced
+    slot and of the full forward."""
+    _, params, config = models[kind]
+    ids, mask = padded_batch(config.vocab_size, [170, 120, 160], 170, left=[True] * 3, seed=2)
+    ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+    positions = positions_from_mask(mask)
+    full = np.asarray(Decoder(config).apply({"params": params}, ids, positions, mask))
+    offsets = []
+    attention = decoder.grouped_attention
+    monkeypatch.setattr(decoder, "grouped_attention",
+                        lambda *a: offsets.append(a[4]) or attention(*a))
+
+    def extend(slot):
+        run = functools.partial(Decoder(config).apply, {"params": params},
+                                method=Decoder.extend)
+        _, cache = run(ids[:, :20], positions[:, :20], mask, init_cache(config, 3, 170), 0)
+        return np.asarray(run(ids[:, 20:], positions[:, 20:], mask, cache, slot)[0])
+
+    static = extend(20)
+    assert set(offsets) == {0, 20}  # the prefill's slot, then the extension's
+    done = len(offsets)
+    traced = extend(jnp.int32(20))
+    assert set(offsets[done:]) == {0, None}  # a traced slot: one block of all queries
+    real = np.asarray(mask[:, 20:]).astype(bool)
+    assert np.max(np.abs(static - traced)[real]) <= 1e-4
+    assert np.max(np.abs(static - full[:, 20:])[real]) <= 1e-4
 
 
 def test_rows_stop_independently(models):

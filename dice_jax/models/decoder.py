@@ -25,6 +25,7 @@ K samples of a prompt), which is several times faster per step on CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -42,6 +43,16 @@ _INIT = nn.initializers.normal(stddev=0.02)
 _MASKED = float(jnp.finfo(jnp.float32).min)
 CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
 KVCache = dict  # {"k": Array, "v": Array}, each [layers, batch, cache_len, kv_heads, head_dim]
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class StaticSlot:
+    """A cache slot known when tracing, as `extend` hands it to the layers. `nn.scan` turns
+    a Python int argument into a traced array; this wrapper is a pytree with no leaves, so
+    each layer still sees the int and attention can skip the keys after the chunk."""
+
+    slot: int
 
 
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...],
@@ -155,16 +166,19 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, cos: Array, sin: Array, allowed: Array,
-                 cache_index: Array | int | None = None, cache: KVCache | None = None,
+                 cache_index: Array | int | StaticSlot | None = None,
+                 cache: KVCache | None = None,
                  packing: Packing | None = None) -> tuple[Array, KVCache | None]:
         """Without `cache`, attends within `x`. With one layer's `cache` (`[batch, cache_len,
         kv_heads, head_dim]` each), writes this chunk's keys/values at slot `cache_index`
         and attends over the whole cache (`allowed` is then `[..., q_len, cache_len]`).
-        A Python-int `cache_index` is static: attention then skips the keys after the
-        chunk's last slot (`grouped_attention`'s causal blocks). With `packing`, `x`,
+        A Python-int (or `StaticSlot`) `cache_index` is static: attention then skips the
+        keys after the chunk's last slot (`grouped_attention`'s causal blocks). With `packing`, `x`,
         `cos`, `sin` hold packed tokens (`models.packing`): the projections and RoPE run
         on them, attention on the padded layout."""
         cfg = self.config
+        if isinstance(cache_index, StaticSlot):
+            cache_index = cache_index.slot
         e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q = project(x, _param(self, "q_proj", (e, h, d), ("embed", "heads", "head_dim")))
         k = project(x, _param(self, "k_proj", (e, kv, d), ("embed", "kv_heads", "head_dim")))
@@ -210,7 +224,8 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, cos: Array, sin: Array, allowed: Array,
-                 cache_index: Array | int | None = None, cache: KVCache | None = None,
+                 cache_index: Array | int | StaticSlot | None = None,
+                 cache: KVCache | None = None,
                  packing: Packing | None = None) -> tuple[Array, KVCache | None]:
         cfg = self.config
         ones = nn.initializers.ones
@@ -304,7 +319,8 @@ class Decoder(nn.Module):
         allowed = attention_allowed(q_slots, k_slots, kv_mask, cfg.sliding_window)
         cos, sin = rope_cos_sin(positions, inverse_frequencies(
             cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
-        x, cache = self.layers(x, cos, sin, allowed, cache_index, cache, packing)
+        index = StaticSlot(cache_index) if isinstance(cache_index, int) else cache_index
+        x, cache = self.layers(x, cos, sin, allowed, index, cache, packing)
         x = rms_norm(x, jnp.asarray(self.final_norm, dtype), cfg.rms_norm_eps)
         return (x if return_hidden else self.logits(x)), cache
 
