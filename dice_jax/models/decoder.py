@@ -173,9 +173,9 @@ class Attention(nn.Module):
         kv_heads, head_dim]` each), writes this chunk's keys/values at slot `cache_index`
         and attends over the whole cache (`allowed` is then `[..., q_len, cache_len]`).
         A Python-int (or `StaticSlot`) `cache_index` is static: attention then skips the
-        keys after the chunk's last slot (`grouped_attention`'s causal blocks). With `packing`, `x`,
-        `cos`, `sin` hold packed tokens (`models.packing`): the projections and RoPE run
-        on them, attention on the padded layout."""
+        keys after the chunk's last slot (`grouped_attention`'s causal blocks). With
+        `packing`, `x`, `cos`, `sin` hold packed tokens (`models.packing`): the projections
+        and RoPE run on them, attention on the padded layout."""
         cfg = self.config
         if isinstance(cache_index, StaticSlot):
             cache_index = cache_index.slot
