@@ -15,15 +15,21 @@ timing), global-norm clipping 1.0, AdamW (weight decay 0). float32 throughout.
   `AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32")`: full
   logits, float32 log-softmax, gather, mask; `torch.set_num_threads(<cores>)`.
 
-Steps alternate between the two (so background load hits both alike); the first step of
-each is a warm-up (compilation) and not timed. Prints a table and the ratio of medians.
-PyTorch is a benchmark-only dependency; dice_jax itself never imports it.
+Each side runs in its own worker process (as a user would run either framework: its
+allocator, thread pools and 7-9 GB of buffers do not share one address space with the
+other's); the parent tells them to step in turn, never both at once, so background load
+hits both alike. `--same-process` runs both sides in this process instead (the layout of
+the earlier BENCHMARKS.md rows). The first step of each is a warm-up (compilation) and not
+timed. Prints a table (median step, tokens/s, peak resident memory of the worker) and the
+ratio of medians. PyTorch is a benchmark-only dependency; dice_jax itself never imports it.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import os
+import resource
 import statistics
 import sys
 import time
@@ -33,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dice_jax.checkpoints import embedded_gguf_path, load_model
+from dice_jax.models.presets import smollm2_135m
 from dice_jax.sharding import DEFAULT_RULES, make_mesh
 from dice_jax.training.config import TrainConfig
 from dice_jax.training.data import build_pairs
@@ -115,6 +122,64 @@ class TorchSide:
         return float(loss.detach())
 
 
+def build_side(kind: str, args: argparse.Namespace):
+    """The side `kind` ("jax" or "torch") on the benchmark's data (`make_data`, seeded, so
+    both workers build the same batch) and the token count of that batch."""
+    loaded = load_model("embedded:smollm2", with_tokenizer=False) if kind == "jax" else None
+    cfg = TrainConfig(learning_rate=5e-7, batch_size=args.pairs, max_length=args.length,
+                      max_prompt_length=PROMPT_TOKENS, logits_chunk=args.logits_chunk,
+                      shared_prompt=not args.no_shared_prompt)
+    data = make_data(args.pairs, args.length, smollm2_135m().vocab_size)  # no weights needed
+    side = JaxSide(loaded, data, cfg) if kind == "jax" else TorchSide(data, cfg, args.threads)
+    return side, int(data.attention_mask.sum())
+
+
+def _worker(kind: str, args: argparse.Namespace, conn) -> None:
+    """A side in its own process: steps when the parent says so, answers (seconds, loss)."""
+    side, tokens = build_side(kind, args)
+    conn.send(tokens)
+    while conn.recv() == "step":
+        t0 = time.perf_counter()
+        loss = side.run()
+        conn.send((time.perf_counter() - t0, loss))
+    conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # KiB -> GiB
+
+
+class WorkerSide:
+    """The parent's handle on a side running in a spawned worker process."""
+
+    def __init__(self, kind: str, args: argparse.Namespace) -> None:
+        self.conn, child = mp.get_context("spawn").Pipe()
+        self.process = mp.get_context("spawn").Process(target=_worker, args=(kind, args, child))
+        self.process.start()
+        self.tokens = self.conn.recv()
+
+    def run(self) -> tuple[float, float]:
+        self.conn.send("step")
+        return self.conn.recv()
+
+    def close(self) -> float:
+        self.conn.send("stop")
+        peak = self.conn.recv()
+        self.process.join()
+        return peak
+
+
+class LocalSide:
+    """A side in this process (`--same-process`), with the worker's interface."""
+
+    def __init__(self, kind: str, args: argparse.Namespace) -> None:
+        self.side, self.tokens = build_side(kind, args)
+
+    def run(self) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        loss = self.side.run()
+        return time.perf_counter() - t0, loss
+
+    def close(self) -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=3, help="timed steps per side")
@@ -125,37 +190,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--no-shared-prompt", action="store_true",
                         help="run each pair's prompt twice, as PyTorch does (dice-jax side)")
+    parser.add_argument("--same-process", action="store_true",
+                        help="both sides in this process, not one worker process each")
     args = parser.parse_args(argv)
 
-    loaded = load_model("embedded:smollm2", with_tokenizer=False)
-    data = make_data(args.pairs, args.length, loaded.config.vocab_size)
-    cfg = TrainConfig(learning_rate=5e-7, batch_size=args.pairs, max_length=args.length,
-                      max_prompt_length=PROMPT_TOKENS, logits_chunk=args.logits_chunk,
-                      shared_prompt=not args.no_shared_prompt)
-    tokens = int(data.attention_mask.sum())
-    sides = {"dice-jax (XLA CPU)": JaxSide(loaded, data, cfg)}
-    if not args.skip_torch:
-        sides["PyTorch transformers"] = TorchSide(data, cfg, args.threads)
+    kinds = {"dice-jax (XLA CPU)": "jax", "PyTorch transformers": "torch"}
+    if args.skip_torch:
+        kinds.pop("PyTorch transformers")
+    make = LocalSide if args.same_process else WorkerSide
+    sides = {name: make(kind, args) for name, kind in kinds.items()}
+    tokens = {side.tokens for side in sides.values()}
+    if len(tokens) != 1:
+        raise RuntimeError(f"the sides built different batches: {tokens} tokens")
+    tokens = tokens.pop()
     times: dict[str, list[float]] = {name: [] for name in sides}
-    losses: dict[str, list[float]] = {name: [] for name in sides}
     for i in range(args.steps + 1):
         for name, side in sides.items():
-            t0 = time.perf_counter()
-            losses[name].append(side.run())
+            seconds, loss = side.run()
             if i:
-                times[name].append(time.perf_counter() - t0)
-            print(f"  {name}: step {i} {'(warm-up) ' if not i else ''}"
-                  f"{time.perf_counter() - t0:.2f} s, loss {losses[name][-1]:.6f}", flush=True)
+                times[name].append(seconds)
+            print(f"  {name}: step {i} {'(warm-up) ' if not i else ''}{seconds:.2f} s, "
+                  f"loss {loss:.6f}", flush=True)
+    peaks = {name: side.close() for name, side in sides.items()}
+    layout = "one process" if args.same_process else "one worker process per side"
     print(f"\nDPO train step, SmolLM2-135M float32, {args.pairs} pairs x {args.length} tokens "
           f"({tokens} tokens/step), {os.cpu_count()} CPU cores, jax {jax.__version__}, "
-          f"load average {os.getloadavg()[0]:.2f}")
-    print(f"| {'implementation':<22} | median step (s) | tokens/s | steps (s) |")
-    print(f"|{'-' * 24}|-----------------|----------|-----------|")
+          f"{layout}, load average {os.getloadavg()[0]:.2f}")
+    print(f"| {'implementation':<22} | median step (s) | tokens/s | peak RSS (GiB) | steps (s) |")
+    print(f"|{'-' * 24}|-----------------|----------|----------------|-----------|")
     medians = {}
     for name, ts in times.items():
         medians[name] = statistics.median(ts)
         print(f"| {name:<22} | {medians[name]:15.2f} | {tokens / medians[name]:8.1f} | "
-              f"{', '.join(f'{t:.1f}' for t in ts)} |")
+              f"{peaks[name]:14.2f} | {', '.join(f'{t:.1f}' for t in ts)} |")
     if len(medians) == 2:
         jax_t, torch_t = medians.values()
         print(f"\nspeed ratio dice-jax / PyTorch (tokens/s): {torch_t / jax_t:.2f}x")
