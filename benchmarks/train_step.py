@@ -16,12 +16,13 @@ timing), global-norm clipping 1.0, AdamW (weight decay 0). float32 throughout.
   logits, float32 log-softmax, gather, mask; `torch.set_num_threads(<cores>)`.
 
 Each side runs in its own worker process (as a user would run either framework: its
-allocator, thread pools and 7-9 GB of buffers do not share one address space with the
+allocator, thread pools and 6-11 GiB of buffers do not share one address space with the
 other's); the parent tells them to step in turn, never both at once, so background load
 hits both alike. `--same-process` runs both sides in this process instead (the layout of
 the earlier BENCHMARKS.md rows). The first step of each is a warm-up (compilation) and not
-timed. Prints a table (median step, tokens/s, peak resident memory of the worker) and the
-ratio of medians. PyTorch is a benchmark-only dependency; dice_jax itself never imports it.
+timed. Prints a table (median step, tokens/s, peak resident memory of the worker, or of the
+one process with `--same-process`) and the ratio of medians. PyTorch is a benchmark-only
+dependency; dice_jax itself never imports it.
 """
 
 from __future__ import annotations
@@ -134,23 +135,39 @@ def build_side(kind: str, args: argparse.Namespace):
     return side, int(data.attention_mask.sum())
 
 
-def _worker(kind: str, args: argparse.Namespace, conn) -> None:
-    """A side in its own process: steps when the parent says so, answers (seconds, loss)."""
-    side, tokens = build_side(kind, args)
-    conn.send(tokens)
-    while conn.recv() == "step":
+class LocalSide:
+    """A side in this process (`--same-process`, and inside each worker): `run` answers
+    (seconds, loss); `close` the peak resident memory in GiB of the whole process."""
+
+    def __init__(self, kind: str, args: argparse.Namespace) -> None:
+        self.side, self.tokens = build_side(kind, args)
+
+    def run(self) -> tuple[float, float]:
         t0 = time.perf_counter()
-        loss = side.run()
-        conn.send((time.perf_counter() - t0, loss))
-    conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # KiB -> GiB
+        loss = self.side.run()
+        return time.perf_counter() - t0, loss
+
+    def close(self) -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+def _worker(kind: str, args: argparse.Namespace, conn) -> None:
+    """A side in its own process: steps when the parent says so."""
+    side = LocalSide(kind, args)
+    conn.send(side.tokens)
+    while conn.recv() == "step":
+        conn.send(side.run())
+    conn.send(side.close())
 
 
 class WorkerSide:
-    """The parent's handle on a side running in a spawned worker process."""
+    """The parent's handle on a side running in a spawned worker process (`LocalSide`'s
+    interface)."""
 
     def __init__(self, kind: str, args: argparse.Namespace) -> None:
-        self.conn, child = mp.get_context("spawn").Pipe()
-        self.process = mp.get_context("spawn").Process(target=_worker, args=(kind, args, child))
+        context = mp.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_worker, args=(kind, args, child))
         self.process.start()
         self.tokens = self.conn.recv()
 
@@ -163,21 +180,6 @@ class WorkerSide:
         peak = self.conn.recv()
         self.process.join()
         return peak
-
-
-class LocalSide:
-    """A side in this process (`--same-process`), with the worker's interface."""
-
-    def __init__(self, kind: str, args: argparse.Namespace) -> None:
-        self.side, self.tokens = build_side(kind, args)
-
-    def run(self) -> tuple[float, float]:
-        t0 = time.perf_counter()
-        loss = self.side.run()
-        return time.perf_counter() - t0, loss
-
-    def close(self) -> float:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def main(argv: list[str] | None = None) -> int:
