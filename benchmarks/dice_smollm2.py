@@ -36,12 +36,12 @@ METHODS = ("dice", "offline_dpo", "offline_dpo_new_ref", "llm_judge")
 SHARED = ("start/eval", "round_0/train", "round_0/eval")
 
 SIZES = {
-    # Reduced so four methods x two rounds fit about an hour on a 2-core CPU.
+    # Reduced so that four methods x two rounds fit a 2-core CPU.
     "cpu": ["--config.data.max_prompts=32", "--config.sampling.num_samples=4",
             "--config.sampling.max_new_tokens=96", "--config.train.max_steps=8",
             "--config.train.batch_size=4", "--config.eval.num_prompts=32",
             "--config.eval.max_new_tokens=160", "--config.dice.judge_max_new_tokens=48"],
-    # About 20 minutes on one H100 (the budget); see BENCHMARKS.md for measurements.
+    # Sized for one H100-class GPU (not yet measured there).
     "gpu": ["--config.data.max_prompts=2000", "--config.sampling.num_samples=16",
             "--config.sampling.max_new_tokens=256", "--config.sampling.cache_budget_gb=24",
             "--config.dice.filters.min_valid=8", "--config.dice.score_batch_size=128",

@@ -10,7 +10,7 @@ response under the model, `batch_size` sequences per forward. Throughput is scor
 per second: prompt + response tokens of every sequence (padding not counted; a prompt counts
 once per response, as both sides deliver one score per (prompt, response)).
 
-- dice-jax: `dice_jax.dice.scoring.sequence_scores`, the reference forward of
+- dice-jax: `dice_jax.training.scoring.sequence_scores`, the reference forward of
   `score_samples`, with its defaults: each prompt runs once and its K responses attend to
   its KV cache; responses sorted by length, padded to `bucket_length` (multiples of
   32 up to 256, of 64 up to 512) for attention, while the weight matmuls and the
@@ -43,8 +43,8 @@ import jax
 import numpy as np
 
 from dice_jax.checkpoints import embedded_gguf_path, load_model
-from dice_jax.dice.scoring import plan_batches, plan_prompt_groups, sequence_scores
 from dice_jax.models.packing import packed_capacity
+from dice_jax.training.scoring import plan_batches, plan_prompt_groups, sequence_scores
 
 Rows = tuple[list[list[int]], list[int], list[list[int]]]  # prompts, prompt index, responses
 

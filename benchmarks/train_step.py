@@ -19,7 +19,7 @@ Each side runs in its own worker process (as a user would run either framework: 
 allocator, thread pools and 6-11 GiB of buffers do not share one address space with the
 other's); the parent tells them to step in turn, never both at once, so background load
 hits both alike. `--same-process` runs both sides in this process instead (the layout of
-the earlier BENCHMARKS.md rows). The first step of each is a warm-up (compilation) and not
+earlier measurements). The first step of each is a warm-up (compilation) and not
 timed. Prints a table (median step, tokens/s, peak resident memory of the worker, or of the
 one process with `--same-process`) and the ratio of medians. PyTorch is a benchmark-only
 dependency; dice_jax itself never imports it.

@@ -1,12 +1,12 @@
-"""The paper's Llama-3 setting (DICE.md): princeton-nlp Llama-3-Base-8B-SFT-DPO as
+"""The paper's Llama-3 setting (docs/method.md): princeton-nlp Llama-3-Base-8B-SFT-DPO as
 pi_theta(0), Llama-3-Base-8B-SFT as pi_ref(0), T=0.9, top-p 1.0, gamma 0.5 as in the
 official script (the paper's appendix sweep prefers 0.1: --config.dice.gamma=0.1)."""
 
-from dice_jax.run.config import default_config
+from dice_jax.config import RunConfig
 
 
 def get_config():
-    c = default_config()
+    c = RunConfig()
     c.run_dir = "runs/llama3"
     c.model.policy = "princeton-nlp/Llama-3-Base-8B-SFT-DPO"
     c.model.reference = "princeton-nlp/Llama-3-Base-8B-SFT"

@@ -16,11 +16,11 @@ train on (exactly 8 steps x 4), 8 held out. Scale up on a GPU, e.g.
 --config.train.max_steps=300 --config.train.batch_size=32`.
 """
 
-from dice_jax.run.config import default_config
+from dice_jax.config import RunConfig
 
 
 def get_config():
-    c = default_config()
+    c = RunConfig()
     c.run_dir = "runs/smollm2"
     c.model.policy = "embedded:smollm2"
     c.round0 = True

@@ -6,11 +6,11 @@ score them, build D(alpha*) with replay and train a few steps. Numbers mean noth
 run exercises every stage, artifact and the resume logic.
 """
 
-from dice_jax.run.config import default_config
+from dice_jax.config import RunConfig
 
 
 def get_config():
-    c = default_config()
+    c = RunConfig()
     c.run_dir = "runs/tiny"
     c.model.policy = "random:tiny"
     c.round0 = True

@@ -1,13 +1,14 @@
-"""The paper's Zephyr setting (DICE.md): zephyr-7b-beta as pi_theta(0), mistral-7b-sft-beta
-as pi_ref(0), UltraFeedback 10k prompts, K=16, T=0.7, top-p 0.9, beta 0.1, gamma 0.5,
-2 rounds of 300 steps x batch 32 at lr 5e-7. Needs network (hub) and GPUs/TPUs:
-8 x 80 GB is the paper's budget; see README "Paper settings"."""
+"""The paper's Zephyr setting (docs/method.md): zephyr-7b-beta as pi_theta(0),
+mistral-7b-sft-beta as pi_ref(0), UltraFeedback 10k prompts, K=16, T=0.7, top-p 0.9,
+beta 0.1, gamma 0.5, 2 rounds of 300 steps x batch 32 at lr 5e-7. Needs network (hub) and
+GPUs/TPUs: 8 x 80 GB is the paper's budget; see the README section "The paper's settings on
+GPUs / TPUs"."""
 
-from dice_jax.run.config import default_config
+from dice_jax.config import RunConfig
 
 
 def get_config():
-    c = default_config()
+    c = RunConfig()
     c.run_dir = "runs/zephyr"
     c.model.policy = "HuggingFaceH4/zephyr-7b-beta"
     c.model.reference = "HuggingFaceH4/mistral-7b-sft-beta"

@@ -1,4 +1,4 @@
-"""Named chat templates for the paper's settings (DICE.md), as Jinja strings.
+"""Named chat templates for the paper's settings (docs/method.md), as Jinja strings.
 
 A config's `model.chat_template` is None (the tokenizer's own template), one of these
 names, or a Jinja template string. The two paper templates reproduce the official code's

@@ -11,12 +11,14 @@ one line naming the file at fault and exit with code 2.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 
-from dice_jax.errors import DiceError
+from absl import flags
+
+from dice_jax.cli import run_main
+from dice_jax.errors import ConfigError
 
 _SIZE_UNITS = {"KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40, "B": 1}
 
@@ -29,26 +31,20 @@ def parse_size(text: str) -> int:
     try:
         value = int(float(number) * factor)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"bad size {text!r}; e.g. 5GB, 500MB") from None
+        raise ConfigError(f"--max_shard_size: bad size {text!r}; e.g. 5GB, 500MB") from None
     if value <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+        raise ConfigError(f"--max_shard_size: size must be positive, got {text!r}")
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dice_jax.convert", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", help="HF folder, hub id, .gguf file, dice-jax checkpoint, "
-                   "or embedded:smollm2")
-    p.add_argument("destination", help="output folder (must not exist)")
-    p.add_argument("--to", choices=("dice", "hf"), default=None,
-                   help="output format (default: hf for a dice-jax source, else dice)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="parameter dtype of the output (default: float32 for imports, the "
-                   "checkpoint's own for dice-jax sources)")
-    p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"),
-                   help="largest safetensors shard of an HF export (default 5GB)")
-    return p
+def _define(fv: flags.FlagValues) -> None:
+    flags.DEFINE_enum("to", None, ["dice", "hf"], "output format (default: hf for a "
+                      "dice-jax source, else dice)", flag_values=fv)
+    flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "parameter dtype of the "
+                      "output (default: float32 for imports, the checkpoint's own for "
+                      "dice-jax sources)", flag_values=fv)
+    flags.DEFINE_string("max_shard_size", "5GB", "largest safetensors shard of an HF "
+                        "export", flag_values=fv)
 
 
 def convert(source: str, destination: str, to: str | None = None, dtype: str | None = None,
@@ -75,17 +71,21 @@ def convert(source: str, destination: str, to: str | None = None, dtype: str | N
     return to
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _run(fv: flags.FlagValues, positional: list[str]) -> int:
+    if len(positional) != 2:
+        raise ConfigError(f"expected SRC and DST, got {len(positional)} argument(s) "
+                          f"{positional}; see --help")
+    source, destination = positional
+    shard = parse_size(fv.max_shard_size)
     start = time.time()
-    try:
-        to = convert(args.source, args.destination, args.to, args.dtype, args.max_shard_size)
-    except DiceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {'HF folder' if to == 'hf' else 'dice-jax checkpoint'} {args.destination} "
+    to = convert(source, destination, fv.to, fv.dtype, shard)
+    print(f"wrote {'HF folder' if to == 'hf' else 'dice-jax checkpoint'} {destination} "
           f"in {time.time() - start:.1f}s")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(_run, argv, "python -m dice_jax.convert", __doc__, _define)
 
 
 if __name__ == "__main__":

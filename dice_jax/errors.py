@@ -17,3 +17,7 @@ class CheckpointError(DiceError):
         super().__init__(f"{path}: {problem}")
         self.path = path
         self.problem = problem
+
+
+class ConfigError(DiceError, ValueError):
+    """An invalid setting: the message names the key (`config.train.beta: ...`)."""

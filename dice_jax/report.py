@@ -13,14 +13,13 @@ present, for the config's sampling settings.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import re
 import sys
 from typing import Any
 
 from dice_jax.errors import DiceError
+from dice_jax.fileio import atomic_write_text, read_json
 
 METHOD_NAMES = {
     "dice": "DICE",
@@ -31,19 +30,9 @@ METHOD_NAMES = {
 METRIC_KEYS = ("prompt_level_strict", "instruction_level_strict", "mean_length")
 
 
-def _read_json(path: str) -> dict[str, Any]:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise DiceError(f"{path}: not found") from None
-    except json.JSONDecodeError as e:
-        raise DiceError(f"{path}: not valid JSON ({e})") from None
-
-
 def collect_run(run_dir: str) -> dict[str, Any]:
     """A run's label and its evaluations by stage: {"label", "evals": {round: metrics}}."""
-    config = _read_json(os.path.join(run_dir, "config.json"))
+    config = read_json(os.path.join(run_dir, "config.json"))
     method = config.get("method", "dice")
     label = METHOD_NAMES.get(method, method)
     loss = config.get("train", {}).get("loss_type", "sigmoid")
@@ -55,7 +44,7 @@ def collect_run(run_dir: str) -> dict[str, Any]:
         stage = -1 if name == "start" else int(match.group(1)) if match else None
         path = os.path.join(run_dir, name, "eval", "metrics.json")
         if stage is not None and os.path.isfile(path):
-            metrics = _read_json(path)
+            metrics = read_json(path)
             missing = [k for k in METRIC_KEYS if k not in metrics.get("greedy", {})]
             if missing:
                 raise DiceError(f"{path}: greedy metrics lack {missing}")
@@ -135,26 +124,30 @@ def write_report(run_dirs: list[str], out: str) -> str:
         plt.close(fig)
         lines.append(f"![{ylabel}]({os.path.basename(stem)}_{suffix}.png)")
     text = "\n".join(lines) + "\n"
-    tmp = f"{out}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, out)
+    atomic_write_text(out, text)
     return text
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dice_jax.report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dirs", nargs="+", help="run folders (each with config.json)")
-    parser.add_argument("--out", default="report.md", help="Markdown file to write")
-    args = parser.parse_args(argv)
-    try:
-        text = write_report(args.run_dirs, args.out)
-    except DiceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(text)
+def _define(fv: Any) -> None:
+    from absl import flags
+
+    flags.DEFINE_string("out", "report.md", "Markdown file to write", flag_values=fv)
+
+
+def _run(fv: Any, run_dirs: list[str]) -> int:
+    from dice_jax.errors import ConfigError
+
+    if not run_dirs:
+        raise ConfigError("give at least one RUN_DIR (a run folder with config.json)")
+    print(write_report(run_dirs, fv.out))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dice_jax.report RUN_DIR [RUN_DIR ...] --out=report.md`."""
+    from dice_jax.cli import run_main
+
+    return run_main(_run, argv, "python -m dice_jax.report", __doc__, _define)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,19 @@
-"""Device meshes and the map from logical axis names to mesh axes.
+"""Device meshes, the map from logical axis names to mesh axes, and placement helpers.
 
 Every parameter and activation of the decoder is named with logical axes (`embed`, `heads`,
 `kv_heads`, `mlp`, `vocab`, `layers`, `batch`, `length`, ...). A rule table maps each logical
 name to zero or more mesh axes (`data`, `fsdp`, `tensor`). A dimension whose size the mesh
 axes do not divide (SmolLM2's 3 KV heads over tensor=2) is replicated rather than failing.
+
+Placement: `replicated`, `batch_sharding` and `put_process_local` place host batches (rows
+over the rules' `batch` mesh axes); `MeshFunction` jits a function that runs inside a mesh
+and the logical-axis rules (training steps and scoring use it).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -117,3 +121,52 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
         return x
     rules = nn.get_logical_axis_rules() or DEFAULT_RULES
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, mesh, rules))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """The sharding of an array held whole on every device of `mesh`."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh, shape: tuple[int, ...], batch_axis: int,
+                   rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """Sharding of a host batch array: axis `batch_axis` over the rules' `batch` mesh axes
+    (replicated when they do not divide it), the other axes replicated."""
+    names: list[str | None] = [None] * len(shape)
+    names[batch_axis] = "batch"
+    return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
+
+
+def put_process_local(array: Any, sharding: NamedSharding, batch_axis: int) -> jax.Array:
+    """Places a GLOBAL host batch as a global jax.Array, handing JAX only this process's
+    slice along `batch_axis` (`jax.make_array_from_process_local_data`), so the same code
+    serves a multi-host job where each host loads its own rows. Assumes each process's
+    devices hold a contiguous range of the batch axis (true for meshes built by
+    `make_mesh`, whose batch axes run over processes first)."""
+    array = np.asarray(array)
+    index_map = sharding.addressable_devices_indices_map(array.shape)
+    starts, stops = [], []
+    for index in index_map.values():
+        sl = index[batch_axis]
+        starts.append(sl.start or 0)
+        stops.append(array.shape[batch_axis] if sl.stop is None else sl.stop)
+    lo, hi = min(starts), max(stops)
+    local = np.take(array, np.arange(lo, hi), axis=batch_axis)
+    return jax.make_array_from_process_local_data(sharding, local, array.shape)
+
+
+class MeshFunction:
+    """A jitted function that is traced and run inside the mesh and the logical-axis rules
+    (so the decoder's activation constraints apply)."""
+
+    def __init__(self, fn: Callable, mesh: Mesh, rules: Rules, **jit_kwargs: Any) -> None:
+        self.mesh, self.rules = mesh, rules
+        self.jitted = jax.jit(fn, **jit_kwargs)
+
+    def __call__(self, *args: Any) -> Any:
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            return self.jitted(*args)
+
+    def lower(self, *args: Any) -> Any:
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            return self.jitted.lower(*args)

@@ -4,22 +4,25 @@ Runs Algorithm 1 (and the paper's baselines, `--config.method=...`) for `config.
 rounds into `config.run_dir`. Running the same command again resumes at the first
 incomplete stage; completed stages are never recomputed. Exit codes: 0 done, 2 bad config
 or bad input (one message naming the key or file).
-
-Options:
-  --config=FILE[:ARG]     a config file defining get_config() (configs/*.py)
-  --config.KEY=VALUE      override any key (e.g. --config.dice.gamma=0.25 --config.rounds=3)
-  --print-config          print the validated config and the memory plan, then exit
-  --quiet                 no progress bars
 """
 
-from __future__ import annotations
-
+import json
 import logging
 import os
 import sys
 
-from dice_jax.errors import DiceError
-from dice_jax.run.config import ConfigError, build_config, parse_config_args
+from absl import flags
+
+from dice_jax.cli import config_of, run_main
+from dice_jax.errors import ConfigError
+
+PROG = "python -m dice_jax.train"
+
+
+def _define(fv: flags.FlagValues) -> None:
+    flags.DEFINE_bool("print_config", False, "print the validated config as JSON and exit",
+                      flag_values=fv)
+    flags.DEFINE_bool("quiet", False, "no progress bars", flag_values=fv)
 
 
 def _maybe_initialize_distributed() -> None:
@@ -31,41 +34,32 @@ def _maybe_initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    flags = {a for a in argv if a in ("--print-config", "--quiet")}
-    argv = [a for a in argv if a not in flags]
-    if "--quiet" in flags:
+def _run(fv: flags.FlagValues, positional: list[str]) -> int:
+    if positional:
+        raise ConfigError(f"unknown argument(s) {positional}; see --help")
+    if fv.quiet:
         os.environ["TQDM_DISABLE"] = "1"  # every progress bar (tqdm reads it)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
     import jax
 
+    from dice_jax.config import validate
+
     _maybe_initialize_distributed()
-    try:
-        spec, overrides, rest = parse_config_args(argv)
-        if rest:
-            raise ConfigError(f"unknown argument(s) {rest}; see --help")
-        config = build_config(spec, overrides, jax.device_count())
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if "--print-config" in flags:
-        print(config)
+    config = validate(config_of(fv), jax.device_count())
+    if fv.print_config:
+        print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
         return 0
     from dice_jax.run.loop import DiceRun
 
-    try:
-        run_dir = DiceRun(config, progress="--quiet" not in flags).run()
-    except DiceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    run_dir = DiceRun(config, progress=not fv.quiet).run()
     print(f"done: {run_dir}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(_run, argv, PROG, __doc__, _define, run_config=True)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# tests/workers/ holds scripts the tests run in subprocesses (helpers.run_on_cpu_devices),
+# never test modules.
+collect_ignore = ["workers"]
+
 # The longest modules first: with `pytest -n 2 --dist loadfile` (README) each module runs
 # whole on one worker, in collection order, so starting the long ones first keeps one
 # worker from finishing alone with a long module at the end. A serial run only changes

@@ -1,10 +1,18 @@
-"""Shared test helpers: tiny random HF models (PyTorch, reference only) and their logits."""
+"""Shared test helpers: tiny random HF models (PyTorch, reference only) and their logits,
+and running a worker script (`tests/workers/`) on simulated CPU devices."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
+import pytest
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+WORKERS = os.path.join(TESTS, "workers")
 
 LLAMA_KW = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -76,3 +84,54 @@ def gguf_path() -> str:
     path = embedded_gguf_path("smollm2")
     assert os.path.isfile(path)
     return path
+
+
+def _start_on_cpu_devices(script: str, args: tuple, devices: int) -> subprocess.Popen:
+    """`python tests/workers/SCRIPT ARGS...` with JAX on `devices` simulated CPU devices and
+    tests/ importable (for `helpers`, `train_helpers`)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS, env.get("PYTHONPATH")) if p)
+    return subprocess.Popen([sys.executable, os.path.join(WORKERS, script),
+                             *map(str, args)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _result(proc: subprocess.Popen, script: str, timeout: float) -> dict:
+    """The JSON object on the worker's last stdout line; fails the test with the stderr
+    tail if it times out, exits non-zero or prints no JSON."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"{script} ran past {timeout}s; stderr tail:\n{err[-3000:]}")
+    if proc.returncode != 0:
+        pytest.fail(f"{script} exited {proc.returncode}; stderr tail:\n{err[-3000:]}")
+    lines = out.strip().splitlines()
+    try:
+        return json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        pytest.fail(f"{script} printed no JSON last line; stdout tail:\n{out[-2000:]}\n"
+                    f"stderr tail:\n{err[-2000:]}")
+
+
+def run_on_cpu_devices(script: str, *args, devices: int = 8, timeout: float = 600) -> dict:
+    """Runs `tests/workers/SCRIPT ARGS...` in a fresh Python on `devices` simulated CPU
+    devices and returns the JSON object it prints as its last stdout line."""
+    return _result(_start_on_cpu_devices(script, args, devices), script, timeout)
+
+
+def run_processes_on_cpu_devices(script: str, *args, processes: int, devices: int,
+                                 timeout: float = 300) -> list[dict]:
+    """Runs `processes` copies of `tests/workers/SCRIPT PROCESS_ID ARGS...` at once, each on
+    `devices` simulated CPU devices, and returns their JSON results in process order. Every
+    copy is killed if one fails, so none is left waiting for its peers."""
+    procs = [_start_on_cpu_devices(script, (i, *args), devices) for i in range(processes)]
+    try:
+        return [_result(p, script, timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()

@@ -1,15 +1,22 @@
-"""Bad checkpoints give one clear error naming the file, exit code 2, nothing written."""
+"""Bad inputs give one clear error naming the file (and row / key), exit code 2: checkpoints
+(nothing written), offline-data rows of the wrong type, a run_dir that cannot be a folder."""
 
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 from helpers import save_hf, tiny_hf_model
 
 from dice_jax.checkpoints.hf import import_hf_folder
 from dice_jax.convert import main as convert_main
-from dice_jax.errors import CheckpointError
+from dice_jax.data import load_preference_data
+from dice_jax.errors import CheckpointError, ConfigError, DiceError
+from dice_jax.run.folder import RunFolder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +152,140 @@ def test_failure_midway_leaves_nothing(folder, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         hf.export_hf_folder(params, config, out, tokenizer=Exploding())
     _nothing_written(out)
+
+
+# ------------------------------------------- the absl command lines: --help, bad flag values
+# (module, a flag of its --help, a command line with one bad value)
+CLIS = [
+    ("dice_jax.report", "--out", ["RUN", "--out=r.md", "--outt=x"]),
+    ("dice_jax.convert", "--max_shard_size", ["SRC", "DST", "--to", "gguf"]),
+    ("dice_jax.convert", "--max_shard_size", ["SRC", "DST", "--max-shard-size", "lots"]),
+    ("dice_jax.training.memory", "--grad_accum", ["--preset", "tiny", "--mesh", "fsdp=x"]),
+    ("dice_jax.training.memory", "--grad_accum", ["--preset", "tiny", "--mesh",
+                                                  "data=2,fsdp=-1", "--devices", "3"]),
+    ("dice_jax.judge.prompts", "--eval_fraction", ["--split", "dev", "--num", "3", "p.jsonl"]),
+    ("dice_jax.judge.build_data", "--prompt_bucket", ["--out", "d.jsonl",
+                                                      "--num-prompts", "many"]),
+]
+
+
+@pytest.mark.parametrize("module,flag,bad", CLIS, ids=lambda v: " ".join(v)
+                         if isinstance(v, list) else v)
+def test_cli_help_exits_0_and_a_bad_value_is_one_error_line(module, flag, bad, tmp_path,
+                                                             capsys, monkeypatch):
+    import importlib
+
+    main = importlib.import_module(module).main
+    monkeypatch.chdir(tmp_path)
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert f"python -m {module}" in out and flag in out
+    assert main(bad) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured.err
+    assert captured.out == "" and os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------------ offline data, run_dir
+GOOD_ROW = {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "Ten."}
+CHAT_ROW = {"prompt": [{"role": "user", "content": "Name a colour."}],
+            "chosen": [{"role": "user", "content": "Name a colour."},
+                       {"role": "assistant", "content": "Blue."}],
+            "rejected": [{"role": "user", "content": "Name a colour."},
+                         {"role": "assistant", "content": "Ten."}],
+            "score_chosen": 8.5, "score_rejected": 2}
+
+
+def _write_rows(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+def _train_cli(tmp_path, *overrides):
+    """The train command line a user types, with the start evaluation off (it is not what
+    these tests are about, and it would cost most of the run's time before the data)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "dice_jax.train", "--config=configs/tiny.py",
+         "--config.eval.enabled=False", *overrides],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    lines = proc.stderr.strip().splitlines()
+    return proc.returncode, lines[-1] if lines else ""
+
+
+def test_offline_row_with_a_number_prompt_is_one_error_line(tmp_path):
+    data = _write_rows(tmp_path / "bad.jsonl", [GOOD_ROW, dict(GOOD_ROW, prompt=5)])
+    code, last = _train_cli(tmp_path, f"--config.run_dir={tmp_path / 'run'}",
+                            f"--config.data.offline={data}")
+    assert code == 2, last
+    assert last.startswith("error:") and data in last and "row 1" in last
+    assert "'prompt'" in last and "int" in last
+
+
+@pytest.mark.parametrize("column, value, message", [
+    ("prompt", 5, r"'prompt' must be a string or a list of chat messages, got int"),
+    ("chosen", None, r"'chosen' must be a string or a list of chat messages, got null"),
+    ("rejected", {"text": "x"}, r"'rejected' must be a string or a list .*got dict"),
+    ("prompt", ["hi"], r"'prompt': message 0 must be an object .*got str"),
+    ("chosen", [{"role": "assistant", "content": 3}], r"'chosen': message 0: 'content' must be "
+                                                       r"a string, got int"),
+    ("rejected", [{"content": "x"}], r"'rejected': message 0: 'role' must be a string, got "
+                                     r"null"),
+    ("score_chosen", "high", r"'score_chosen' must be a number, got str"),
+    ("score_rejected", True, r"'score_rejected' must be a number, got bool"),
+])
+def test_offline_row_with_a_wrong_type_names_file_row_and_column(tmp_path, column, value,
+                                                                 message):
+    path = _write_rows(tmp_path / "bad.jsonl",
+                       [CHAT_ROW, GOOD_ROW, dict(CHAT_ROW, **{column: value})])
+    with pytest.raises(DiceError, match=r"bad\.jsonl: row 2: " + message):
+        load_preference_data(path)
+
+
+def test_offline_rows_of_the_right_types_load(tmp_path):
+    path = _write_rows(tmp_path / "good.jsonl", [CHAT_ROW, GOOD_ROW])
+    rows = load_preference_data(path)
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in rows] == [
+        ("Name a colour.", "Blue.", "Ten.")] * 2
+    assert rows[0]["score_chosen"] == 8.5
+
+
+def test_offline_row_that_is_not_an_object(tmp_path):
+    path = _write_rows(tmp_path / "bad.jsonl", [GOOD_ROW, ["Name a colour.", "Blue.", "Ten."]])
+    with pytest.raises(DiceError, match=r"bad\.jsonl: row 1: expected an object .*got list"):
+        load_preference_data(path)
+
+
+def test_bad_row_in_a_subset_is_named_by_its_row_in_the_file(tmp_path):
+    # max_rows=9 of 10 with seed 0 drops row 1 and keeps row 9 (the bad one): the error names
+    # row 9 of the file, not row 8 of the subset.
+    path = _write_rows(tmp_path / "bad.jsonl", [GOOD_ROW] * 9 + [dict(GOOD_ROW, chosen=1.5)])
+    with pytest.raises(DiceError, match=r"row 9: 'chosen' must be a string"):
+        load_preference_data(path, max_rows=9, seed=0)
+
+
+def test_run_dir_that_is_a_file_is_one_error_line(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.write_text("not a folder")
+    code, last = _train_cli(tmp_path, f"--config.run_dir={run_dir}")
+    assert code == 2, last
+    assert last.startswith("error:") and "config.run_dir" in last and str(run_dir) in last
+    assert run_dir.read_text() == "not a folder"
+
+
+def test_run_dir_below_a_file_names_the_key(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"config\.run_dir: cannot create .*file/run"):
+        RunFolder(str(tmp_path / "file" / "run"), {})
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write to any folder")
+def test_run_dir_not_writable_names_the_key(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o500)
+    try:
+        with pytest.raises(ConfigError, match=r"config\.run_dir: .*run is not writable"):
+            RunFolder(str(run_dir), {})
+    finally:
+        run_dir.chmod(0o700)

@@ -12,7 +12,7 @@ import shlex
 import pytest
 
 from dice_jax.data import BUILTIN_DIR, load_preference_data
-from dice_jax.judge.build_data import build, build_parser
+from dice_jax.judge.build_data import build, parse_args
 from dice_jax.judge.prompts import generate_prompts
 from dice_jax.judge.score import score_response
 
@@ -27,7 +27,7 @@ def recorded_args():
     with open(README, encoding="utf-8") as f:
         lines = [line.strip() for line in f if line.strip().startswith(COMMAND)]
     assert len(lines) == 1, f"{README} must record exactly one build command"
-    args = build_parser().parse_args(shlex.split(lines[0])[3:])
+    args = parse_args(shlex.split(lines[0])[3:])
     assert os.path.normpath(args.out) == os.path.relpath(DATA, ROOT)
     return args
 

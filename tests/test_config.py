@@ -48,6 +48,7 @@ def test_transformers_reads_our_config():
 
 
 def test_parameter_counts():
+    # Published parameter counts, to the precision they are quoted (8.03B, 134.5M, ...).
     assert abs(preset("llama3_8b").num_params - 8.03e9) < 0.01e9
     assert abs(preset("mistral_7b").num_params - 7.24e9) < 0.01e9
     assert abs(preset("smollm2_135m").num_params - 134.5e6) < 0.5e6

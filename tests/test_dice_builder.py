@@ -43,6 +43,7 @@ def test_rewards_pairs_and_mix():
     s = _samples()
     data = build_round_data(s, OFFLINE, _config())
     reward = 0.1 * (s.logp_policy - s.logp_reference)
+    # The builder works in float32: log-probs near -100 round by ~4e-6, times beta 0.1.
     np.testing.assert_allclose(data.reward, reward, atol=1e-5)
     assert data.stats["drops"]["truncated"] == 1
     assert not data.valid[0, 0]
@@ -66,8 +67,11 @@ def test_unscaled_rewards_follow_official_convention():
     official = build_round_data(s, OFFLINE, _config(
         reward_scale="none", search=AlphaSearchConfig(
             method="grid", objective="abs_mean", grid_step=1e-3, alpha_max=0.5)))
+    # Unscaled: the two float32 roundings of log-probs near -100 (~8e-6 each) remain; 1e-4.
     np.testing.assert_allclose(official.reward, s.logp_policy - s.logp_reference, atol=1e-4)
     # The same shaping on the official scale: alpha* is larger by 1/beta.
+    # Both grid searches land in the same flat minimum of a piecewise-constant objective, on
+    # grids of different resolution: allow 2 official grid steps plus 20% for its width.
     assert official.search.alpha == pytest.approx(scaled.search.alpha * 10, rel=0.2, abs=2e-3)
 
 
@@ -138,6 +142,7 @@ def test_llm_judge_scores_replace_reward_without_shaping():
              [["Score: 0"], ["bad"], ["Score: 5"], ["Score: 5"]]]
     scores, drops = judge_scores(texts)
     assert drops == {"unparseable_judgement": 2, "unparseable_score": 2}
+    # Small integers and halves are exact in float; the default rtol (1e-7) only spares repr.
     np.testing.assert_allclose(scores[0, :3], [1, 5, 3.5])
     data = build_round_data(s, OFFLINE, _config(filters=FilterConfig(min_valid=2)),
                             judge_scores=scores, judge_drops=drops)

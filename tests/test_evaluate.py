@@ -9,25 +9,21 @@ import os
 import pytest
 
 from dice_jax.checkpoints import load_model
+from dice_jax.config import RunConfig
+from dice_jax.data import load_eval_prompts
 from dice_jax.errors import DiceError
-from dice_jax.evaluate import (
-    eval_kwargs,
-    evaluate_policy,
-    load_eval_prompts,
-    main,
-    mode_settings,
-)
+from dice_jax.evaluate import main
+from dice_jax.evaluation import EvalConfig, evaluate_policy, mode_settings
 from dice_jax.judge.prompts import generate_prompts
 from dice_jax.judge.score import score_response
-from dice_jax.run.config import default_config
 from dice_jax.sampling import Sampler, SamplingConfig
 
 NEW_TOKENS = 8
 CONFIG = """
-from dice_jax.run.config import default_config
+from dice_jax.config import RunConfig
 
 def get_config():
-    c = default_config()
+    c = RunConfig()
     c.run_dir = {run_dir!r}
     c.model.policy = "random:tiny"
     c.round0 = True
@@ -73,11 +69,11 @@ def test_builtin_prompts_are_the_judges_eval_split():
 def test_evaluate_policy_metrics_files_and_report(tiny, tmp_path):
     rows = load_eval_prompts("builtin:eval", 4, 0)
     out = tmp_path / "run" / "start" / "eval"
-    sampled = SamplingConfig(num_samples=16, temperature=1.0, top_p=0.9, seed=5,
-                             progress=False)
+    sampling = SamplingConfig(num_samples=16, temperature=1.0, top_p=0.9, progress=False)
     metrics = evaluate_policy(tiny.params, tiny.config, tiny.tokenizer, rows, str(out),
-                              greedy=True, sampled=sampled, max_new_tokens=NEW_TOKENS,
-                              generator_name="tiny", dataset_name="builtin:eval")
+                              evaluation=EvalConfig(max_new_tokens=NEW_TOKENS, seed=5),
+                              sampling=sampling, generator_name="tiny",
+                              dataset_name="builtin:eval")
     assert sorted(os.listdir(out)) == ["metrics.json", "model_outputs.json", "responses.jsonl"]
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     records = read_jsonl(out / "responses.jsonl")
@@ -87,6 +83,7 @@ def test_evaluate_policy_metrics_files_and_report(tiny, tmp_path):
         mine = [r for r in records if r["mode"] == mode]
         want, golds = expected_metrics(mine, rows)
         for key, value in want.items():
+            # Rates and means of small counts: approx's default rel 1e-6 absorbs the division.
             assert metrics[mode][key] == pytest.approx(value), (mode, key)
         assert [r["followed"] for r in mine] == [list(g.followed) for g in golds]
         assert [r["score"] for r in mine] == pytest.approx([g.score for g in golds])
@@ -129,15 +126,17 @@ def test_plain_prompt_file_gets_outputs_and_length_only(tiny, tmp_path):
     assert [r["id"] for r in rows] == ["0", "1"]
     assert "instruction_ids" not in rows[0]
     out = tmp_path / "out"
-    sampled = SamplingConfig(temperature=0.8, seed=2, progress=False)
     metrics = evaluate_policy(tiny.params, tiny.config, tiny.tokenizer, rows, str(out),
-                              greedy=False, sampled=sampled, max_new_tokens=NEW_TOKENS,
+                              evaluation=EvalConfig(greedy=False, seed=2,
+                                                    max_new_tokens=NEW_TOKENS),
+                              sampling=SamplingConfig(temperature=0.8, progress=False),
                               dataset_name=str(path))
     assert set(metrics) == {"sampled", "prompts", "generator"}
     m = metrics["sampled"]
     assert "prompt_level_strict" not in m and m["num_scored"] == 0
     records = read_jsonl(out / "responses.jsonl")
     assert all(r["followed"] is None and r["mode"] == "sampled" for r in records)
+    # A mean of integers: approx's default rel 1e-6 absorbs the division.
     assert m["mean_length"] == pytest.approx(sum(len(r["response"]) for r in records) / 2)
     outputs = json.loads((out / "model_outputs.json").read_text())
     assert [o["instruction"] for o in outputs] == [lines[0]["instruction"], lines[1]["prompt"]]
@@ -195,30 +194,25 @@ def test_prompt_errors_name_the_file_and_row(tmp_path):
                                "kwargs": [{}, {}]}) + "\n")
     with pytest.raises(DiceError, match=r"row 0: 'kwargs' must be a list of 1 objects"):
         load_eval_prompts(str(bad))
-    with pytest.raises(DiceError, match="greedy=True or a sampled"):
-        mode_settings(False, None, 8)
+    with pytest.raises(DiceError, match="neither greedy nor sampled"):
+        EvalConfig(greedy=False, sampled=False)
     with pytest.raises(DiceError, match="temperature 0"):
-        mode_settings(True, SamplingConfig(temperature=0.0), 8)
+        mode_settings(EvalConfig(), SamplingConfig(temperature=0.0))
 
 
-def test_eval_kwargs_follow_the_run_config():
-    c = default_config()
+def test_modes_follow_the_run_config():
+    c = RunConfig()
     c.eval.max_new_tokens, c.eval.seed, c.sampling.temperature = 64, 9, 0.9
-    kw = eval_kwargs(c)
-    assert kw["greedy"] and kw["max_new_tokens"] == 64
-    assert kw["cache_budget_bytes"] == int(c.sampling.cache_budget_gb * (1 << 30))
-    s = kw["sampled"]
+    settings = mode_settings(c.eval, c.sampling)
+    s, g = settings["sampled"], settings["greedy"]
     assert (s.temperature, s.top_p, s.seed, s.num_samples) == (0.9, c.sampling.top_p, 9, 1)
-    assert (s.max_prompt_tokens, s.truncate_prompts) == (c.sampling.max_prompt_tokens, True)
-    settings = mode_settings(**kw)
-    assert settings["greedy"].max_prompt_tokens == c.sampling.max_prompt_tokens
-    assert (settings["greedy"].temperature, settings["greedy"].top_p) == (0.0, 1.0)
+    for mode in (s, g):
+        assert (mode.max_prompt_tokens, mode.truncate_prompts) == (
+            c.sampling.max_prompt_tokens, True)
+        assert (mode.max_new_tokens, mode.cache_budget_gb) == (64, c.sampling.cache_budget_gb)
+    assert (g.temperature, g.top_p, g.top_k, g.num_samples) == (0.0, 1.0, 0, 1)
     c.eval.sampled = False
-    assert list(mode_settings(**eval_kwargs(c))) == ["greedy"]
-    big = SamplingConfig(num_samples=16, temperature=0.7, max_new_tokens=2048)
-    settings = mode_settings(True, big, 32, cache_budget_bytes=1 << 20)
-    assert {(m.num_samples, m.max_new_tokens, m.cache_budget_bytes)
-            for m in settings.values()} == {(1, 32, 1 << 20)}
+    assert list(mode_settings(c.eval, c.sampling)) == ["greedy"]
 
 
 def test_cli_runs_and_exits_2_on_bad_input(tmp_path, capsys):
@@ -234,6 +228,7 @@ def test_cli_runs_and_exits_2_on_bad_input(tmp_path, capsys):
     records = read_jsonl(out / "responses.jsonl")
     want, _ = expected_metrics([r for r in records if r["mode"] == "greedy"],
                                generate_prompts("eval", 2, 1))
+    # A ratio of small counts: approx's default rel 1e-6 absorbs the division.
     assert metrics["greedy"]["prompt_level_strict"] == pytest.approx(
         want["prompt_level_strict"])
     assert "greedy: prompt-level" in capsys.readouterr().out
@@ -248,6 +243,7 @@ def test_cli_runs_and_exits_2_on_bad_input(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "x")
     assert main([f"--config={config}", "--config.eval.num_prompt=3"]) == 2
     assert "did you mean 'eval.num_prompts'" in capsys.readouterr().err
+    assert main(["--help"]) == 0 and "--checkpoint" in capsys.readouterr().out
     assert main([f"--config={config}", "--prompts=missing.jsonl",
                  f"--out={tmp_path / 'y'}"]) == 2
     assert "missing.jsonl: prompt file not found" in capsys.readouterr().err

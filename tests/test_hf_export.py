@@ -35,6 +35,7 @@ def test_export_reloads_in_transformers_with_same_logits(kind, tmp_path):
     assert not info["mismatched_keys"]
     ids, mask = padded_batch(config.vocab_size, [9, 4], 9, left=[True, False], seed=5)
     real = mask.astype(bool)
+    # Same float32 weights and the same PyTorch code: only load-time reordering, 1e-5.
     np.testing.assert_allclose(hf_logits(reloaded.eval(), ids, mask)[real],
                                hf_logits(model, ids, mask)[real], atol=1e-5)
     again, config2 = import_hf_folder(out)
@@ -81,6 +82,7 @@ def test_convert_cli_round_trip_through_orbax(tmp_path, capsys):
     _leaves_equal(import_hf_folder(src)[0], import_hf_folder(hf_out)[0])
     reloaded = AutoModelForCausalLM.from_pretrained(hf_out)
     ids, mask = padded_batch(97, [6], 6, left=[False], seed=7)
+    # Same float32 weights and the same PyTorch code: only load-time reordering, 1e-5.
     np.testing.assert_allclose(hf_logits(reloaded, ids, mask), hf_logits(model, ids, mask),
                                atol=1e-5)
     tok = AutoTokenizer.from_pretrained(hf_out)

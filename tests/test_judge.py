@@ -177,6 +177,7 @@ def test_fraction_followed_and_all_followed_flag():
     assert all_three.score == 1.0 and all_three.all_followed
     two = S.score_response(ROW, '"The sky scatters blue light, mostly"')
     assert two.followed == (False, True, True)
+    # Ratios of small counts: approx (default rel 1e-6) only absorbs the division's rounding.
     assert two.score == pytest.approx(2 / 3) and not two.all_followed
     none = S.score_response(ROW, "Because of air, mostly")
     assert none.followed == (False, False, False) and none.score == 0.0
@@ -225,6 +226,7 @@ def test_aggregates_on_hand_made_set():
                  "",                                        # 0/3, empty
                  "Light."]                                  # 1/3: no comma only
     scores = S.score_responses([ROW] * 4, responses)
+    # Ratios of small counts (here and below): approx's default rel 1e-6 absorbs the division.
     assert [s.score for s in scores] == pytest.approx([1, 2 / 3, 0, 1 / 3])
     agg = S.aggregate(scores)
     assert agg["prompt_level_strict_acc"] == pytest.approx(1 / 4)
@@ -236,6 +238,7 @@ def test_aggregates_on_hand_made_set():
     # instruction level pools instructions: a 1-instruction row weighs less than a 3-one
     one = {"instruction_ids": ["punctuation:no_comma"], "kwargs": [{}]}
     mixed = S.aggregate([S.score_response(one, "a, b"), S.score_response(ROW, responses[0])])
+    # Ratios of small counts again (default rel 1e-6).
     assert mixed["instruction_level_strict_acc"] == pytest.approx(3 / 4)
     assert mixed["prompt_level_strict_acc"] == pytest.approx(1 / 2)
     with pytest.raises(DiceError):
@@ -270,6 +273,7 @@ def test_preference_rows_from_gold_scores():
     prompts = [ROW, {"id": "q", "prompt": "Q", "instruction_ids": ["punctuation:no_comma"],
                      "kwargs": [{}]}]
     scores = [[S.score_response(p, r).score for r in rs] for p, rs in zip(prompts, responses)]
+    # 1/3 is not exact in binary: approx's default rel 1e-6 absorbs its rounding.
     assert scores == [[1.0, pytest.approx(1 / 3), 0.0], [0.0, 0.0]]
     labels = S.label_preferences(scores)
     assert labels.num_ties == 1  # both replies to "Q" use a comma

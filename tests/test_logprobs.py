@@ -62,11 +62,13 @@ def test_vocab_logsumexp_in_slices_equals_numpy(vocab):
     ref = np.log(np.sum(np.exp(x.astype(np.float64) - x.max(-1, keepdims=True)), -1)) \
         + x.max(-1)
     got = np.asarray(jax.jit(vocab_logsumexp)(jnp.asarray(x)))
+    # float32 logsumexp of logits spread ~20 (values ~60-80) against float64: ~1e-6 rel.
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-5)
     # Its gradient is the softmax, as for a single log-sum-exp.
     grad = np.asarray(jax.grad(lambda a: jnp.sum(vocab_logsumexp(a)[1:]))(jnp.asarray(x)))
     soft = np.exp(x.astype(np.float64) - ref[..., None])
     soft[0] = 0.0
+    # Softmax probabilities (<= 1) in float32 against float64: a few 6e-8 roundoffs.
     np.testing.assert_allclose(grad, soft, atol=1e-6)
 
 
@@ -76,6 +78,8 @@ def test_matches_brute_force_for_every_chunk_size(model, data):
     assert (expected_counts > 0).all() and (data.attention_mask == 0).any()
     for chunk in (1, 4, 7, 32, 128):
         logps, counts = pair_logprobs_jit(params, as_batch(data), config, chunk)
+        # Sums of up to 32 float32 token log-probs (~-5 each): chunking reorders the vocab
+        # reductions, ~32 roundoffs of ~100 in total (2e-5 abs, 2e-6 rel).
         np.testing.assert_allclose(np.asarray(logps), expected, rtol=2e-6, atol=2e-5)
         np.testing.assert_array_equal(np.asarray(counts), expected_counts)
 
@@ -91,6 +95,8 @@ def test_gradients_do_not_depend_on_chunk_size(model, data):
 
     a, b = grads(4), grads(64)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        # Backward through differently chunked float32 reductions: gradients near zero get
+        # atol 1e-6 (~16 roundoffs of the largest terms), the rest 1e-4 relative.
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
     assert float(jnp.abs(a["embed"]).max()) > 0
 
@@ -121,6 +127,8 @@ def test_shared_prompt_layout_matches_brute_force(model, data):
     expected, expected_counts = brute_force(config, params, data)
     for multiple in (1, 8):  # tight, and with padding on both sides of the prompt
         logps, counts = pair_logprobs_jit(params, shared_batch(data, multiple), config, 4)
+        # Sums of up to 32 float32 token log-probs (~-5 each): chunking reorders the vocab
+        # reductions, ~32 roundoffs of ~100 in total (2e-5 abs, 2e-6 rel).
         np.testing.assert_allclose(np.asarray(logps), expected, rtol=2e-6, atol=2e-5)
         np.testing.assert_array_equal(np.asarray(counts), expected_counts)
 
@@ -135,6 +143,8 @@ def test_shared_prompt_layout_gradients_match(model, data):
 
     a, b = grads(as_batch(data)), grads(shared_batch(data))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        # Backward through differently chunked float32 reductions: gradients near zero get
+        # atol 1e-6 (~16 roundoffs of the largest terms), the rest 1e-4 relative.
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
 
 
@@ -148,6 +158,7 @@ def test_shared_prompt_layout_of_an_empty_prompt():
     assert (data.prompt_lengths() == 0).any()
     expected, expected_counts = pair_logprobs_jit(params, as_batch(data), config, 4)
     logps, counts = pair_logprobs_jit(params, shared_batch(data), config, 4)
+    # As above: the same sums over differently laid-out float32 reductions.
     np.testing.assert_allclose(np.asarray(logps), np.asarray(expected), rtol=2e-6, atol=2e-5)
     np.testing.assert_array_equal(np.asarray(counts), np.asarray(expected_counts))
 

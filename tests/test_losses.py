@@ -33,6 +33,7 @@ def test_sigmoid_matches_numpy(beta, eps):
     cw, cl = ratios(pw, pl, rw, rl)
     h = cw - cl
     expected = -(1 - eps) * np_log_sigmoid(beta * h) - eps * np_log_sigmoid(-beta * h)
+    # float32 (ours) against float64 (numpy) on O(1) losses: a few roundoffs of 6e-8 each.
     got = L.sigmoid_loss(jnp.asarray(cw, jnp.float32), jnp.asarray(cl, jnp.float32), beta, eps)
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-6, atol=1e-6)
 
@@ -49,6 +50,7 @@ def test_ipo_matches_numpy_on_length_averaged_logps():
     avg = lambda x, k: L.pair_logps(jnp.asarray(x), c[:, k], "ipo")  # noqa: E731
     losses, _ = L.dpo_loss(avg(pw, 0), avg(pl, 1), avg(rw, 0), avg(rl, 1), loss_type="ipo",
                            beta=beta)
+    # IPO squares a float32 length-averaged margin: its relative error doubles, ~1e-6.
     np.testing.assert_allclose(np.asarray(losses), expected, rtol=1e-5, atol=1e-6)
     # Other losses use the sums.
     np.testing.assert_array_equal(np.asarray(L.pair_logps(jnp.asarray(pw), c[:, 0], "sigmoid")),
@@ -60,6 +62,7 @@ def test_hinge_matches_numpy():
     cw, cl = ratios(pw, pl, rw, rl)
     beta = 0.3
     expected = np.maximum(0.0, 1 - beta * (cw - cl))
+    # float32 against float64 on O(1) values: a few roundoffs of 6e-8.
     got = L.hinge_loss(jnp.asarray(cw, jnp.float32), jnp.asarray(cl, jnp.float32), beta)
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-6, atol=1e-6)
     assert (expected == 0).any() and (expected > 0).any()  # both branches exercised
@@ -73,6 +76,7 @@ def test_kto_pair_matches_numpy(shift):
     beta = 0.1
     kl_w, kl_l = max(cw.mean(), 0.0), max(cl.mean(), 0.0)
     expected = 0.5 * ((1 - np_sigmoid(beta * (cw - kl_l))) + (1 - np_sigmoid(beta * (kl_w - cl))))
+    # float32 against float64 on O(1) values (losses and their mean): a few roundoffs.
     got = L.kto_pair_loss(jnp.asarray(cw, jnp.float32), jnp.asarray(cl, jnp.float32), beta)
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-6, atol=1e-6)
     # TRL averages over the 2P concatenated terms: same batch mean.
@@ -89,6 +93,7 @@ def test_kto_pair_baseline_is_not_differentiated():
         jnp.asarray(cw, jnp.float32))
     s = np_sigmoid(beta * (cw - kl_l))
     # d/dc_i of 0.5 (1 - s_i), the baseline held constant (its own term has no c_i).
+    # A float32 gradient through a sigmoid against float64: ~10 roundoffs relative.
     np.testing.assert_allclose(np.asarray(grad), -0.5 * beta * s * (1 - s), rtol=1e-5,
                                atol=1e-7)
 
@@ -100,6 +105,7 @@ def test_beta_applied_exactly_once():
     rw, rl = jnp.asarray([-12.0]), jnp.asarray([-15.0])
     h = (-10.0 + 12.0) - (-20.0 + 15.0)  # = 7
     losses, m = L.dpo_loss(pw, pl, rw, rl, loss_type="sigmoid", beta=beta)
+    # float32 on inputs ~10-20 (exact) and O(1) outputs: within a few 6e-8 roundoffs.
     assert float(losses[0]) == pytest.approx(-np_log_sigmoid(beta * h), abs=1e-6)
     assert abs(float(losses[0]) + np_log_sigmoid(beta * beta * h)) > 0.1
     assert float(m["rewards/chosen"][0]) == pytest.approx(beta * 2.0, abs=1e-6)
@@ -107,10 +113,12 @@ def test_beta_applied_exactly_once():
     assert float(m["rewards/margins"][0]) == pytest.approx(beta * h, abs=1e-6)
     # dL/dlogpi_w = -beta * sigmoid(-beta h): one factor of beta, not two.
     g = jax.grad(lambda x: L.dpo_loss(x, pl, rw, rl, loss_type="sigmoid", beta=beta)[0][0])(pw)
+    # A float32 gradient against float64: ~10 roundoffs relative.
     assert float(g[0]) == pytest.approx(-beta * np_sigmoid(-beta * h), rel=1e-5)
     for loss_type, expected in [("hinge", max(0.0, 1 - beta * h)),
                                 ("ipo", (h - 1 / (2 * beta)) ** 2)]:
         got = L.dpo_loss(pw, pl, rw, rl, loss_type=loss_type, beta=beta)[0]
+        # float32 against float64 on values ~0.3-20: a few roundoffs (6e-8) relative.
         assert float(got[0]) == pytest.approx(expected, rel=1e-6)
 
 

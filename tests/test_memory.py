@@ -18,7 +18,9 @@ def test_llama3_8b_on_fsdp8_fits_80gb_devices():
     # Every Llama-3-8B tensor has an embed (4096) dim, split 8 ways: params, grads (f32)
     # and Adam's two moments (f32) are each exactly 4 bytes x n / 8 per device.
     assert plan.params_bytes == plan.grads_bytes == 4 * n // 8
+    # Plus the optimizer's scalar step counters: a few bytes, well under 64.
     assert plan.opt_state_bytes == pytest.approx(2 * 4 * n / 8, abs=64)
+    # The plan's total, quoted to 2 decimals in GB (README): the rounding of that figure.
     assert plan.total_bytes / 1e9 == pytest.approx(16.06, abs=0.01)
     assert plan.total_bytes < 0.25 * 80e9  # leaves > 60 GB of an 80 GB GPU for activations
     accum = memory_plan(config, {"fsdp": 8}, TrainConfig(batch_size=4, grad_accum=4))

@@ -6,7 +6,9 @@ import os
 import pytest
 
 from dice_jax.chat_templates import TEMPLATES, resolve_chat_template
-from dice_jax.run.config import ConfigError, build_config, parse_config_args
+from dice_jax.cli import config_of, parse_command_line
+from dice_jax.config import RunConfig, validate
+from dice_jax.errors import ConfigError
 from dice_jax.run.folder import RunFolder
 
 CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
@@ -16,10 +18,17 @@ def cfg(name):
     return os.path.join(CONFIGS, f"{name}.py")
 
 
+def build_config(spec, overrides, device_count=None, extra=()):
+    """The command line's path: config file, `--config.KEY=VALUE` overrides, validation."""
+    argv = [f"--config={spec}", *(f"--config.{k}={v}" for k, v in overrides), *extra]
+    return validate(config_of(parse_command_line(argv, "train", "", run_config=True)[0]),
+                    device_count)
+
+
 @pytest.mark.parametrize("name", ["zephyr", "llama3"])
-def test_paper_configs_match_dice_md(name):
+def test_paper_configs_match_the_paper(name):
     c = build_config(cfg(name), [])
-    assert (c.sampling.num_samples, c.dice.beta, c.rounds, c.train.max_steps) == (16, 0.1, 2, 300)
+    assert (c.sampling.num_samples, c.train.beta, c.rounds, c.train.max_steps) == (16, 0.1, 2, 300)
     assert (c.train.batch_size, c.train.learning_rate, c.train.max_length) == (32, 5e-7, 4096)
     assert c.data.max_prompts == 10000 and c.train.weight_decay == 0.0
     temp, top_p = (0.7, 0.9) if name == "zephyr" else (0.9, 1.0)
@@ -27,30 +36,56 @@ def test_paper_configs_match_dice_md(name):
 
 
 def test_overrides_and_their_errors():
-    spec, overrides, rest = parse_config_args(
+    fv, rest = parse_command_line(
         [f"--config={cfg('zephyr')}", "--config.dice.gamma=0.25", "--config.rounds", "3",
-         "--config.model.remat=false", "--other"])
-    assert rest == ["--other"]
-    c = build_config(spec, overrides, device_count=8)
-    assert (c.dice.gamma, c.rounds, c.model.remat) == (0.25, 3, False)
+         "--config.model.remat=false", "--config.data.max_prompts=none", "other"], "train", "",
+        run_config=True)
+    assert rest == ["other"]
+    c = validate(config_of(fv), device_count=8)
+    assert (c.dice.gamma, c.rounds, c.model.remat, c.data.max_prompts) == (0.25, 3, False, None)
+    assert build_config(cfg("zephyr"), [("train.loss_type", "kto")]).train.loss_type == "kto_pair"
     cases = {
         "dice.gamm=0.2": "unknown key (did you mean 'dice.gamma'?)",
-        "dice.gamma=1.5": "config.dice.gamma: 1.5 must lie in [0, 1]",
+        "dice.gamma=1.5": "config.dice.gamma: 1.5 must be >= 0 and <= 1",
         "sampling.num_samples=1": "K=1",
-        "dice.beta=0": "config.dice.beta",
-        "rounds=two": "--config.rounds=two: expected type int",
+        "train.beta=0": "config.train.beta",
+        "dice.beta=0.2": "use train.beta",
+        "sampling.seed=3": "config.sampling.seed: set by the run itself",
+        "rounds=two": "--config.rounds=two",
+        "rounds=none": "cannot be None",
         "mesh.data=3": "does not match the 8 available device(s)",
         "train.loss_type=dpo2": "config.train.loss_type",
+        "dice.reward_scale=big": "config.dice.reward_scale",
     }
     for override, message in cases.items():
         key, value = override.split("=")
-        with pytest.raises(ConfigError, match=None) as err:
+        with pytest.raises(ConfigError) as err:
             build_config(cfg("zephyr"), [(key, value)], device_count=8)
         assert message in str(err.value)
     with pytest.raises(ConfigError, match="--config=FILE is required"):
-        parse_config_args(["--config.rounds=2"])
+        parse_command_line(["--config.rounds=2"], "train", "", run_config=True)
     with pytest.raises(ConfigError, match="not found"):
         build_config("configs/nope.py", [])
+
+
+def test_one_beta_reaches_the_loss_and_the_reward():
+    from dice_jax.run.stages import round_settings
+
+    c = build_config(cfg("tiny"), [("train.beta", "0.25")])
+    sampling, data, train = round_settings(c, seed=7)
+    assert (train.beta, data.beta, data.scale) == (0.25, 0.25, 0.25)
+    assert (sampling.seed, data.seed, train.seed) == (7, 7, 7)
+    c = build_config(cfg("tiny"), [("dice.reward_scale", "none")])
+    assert round_settings(c, seed=0)[1].scale == 1.0
+
+
+def test_every_key_is_declared_with_help():
+    from dice_jax.settings import describe_settings
+
+    rows = describe_settings(RunConfig())
+    assert len(rows) > 60 and all(help_text for _, _, help_text in rows)
+    assert "train.beta" in {key for key, _, _ in rows}
+    assert "sampling.seed" not in {key for key, _, _ in rows}  # set by the run
 
 
 def test_named_chat_templates():

@@ -6,25 +6,19 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import run_on_cpu_devices
 
 from dice_jax.checkpoints.random_init import random_model
+from dice_jax.data import prompt_text
 from dice_jax.dice.alpha_search import AlphaSearchConfig
 from dice_jax.dice.builder import DiceDataConfig, build_round_data
 from dice_jax.dice.filters import FilterConfig
-from dice_jax.dice.scoring import (
-    bucket_length,
-    plan_batches,
-    plan_prompt_groups,
-    prompt_text,
-    score_samples,
-)
+from dice_jax.dice.scoring import score_samples
 from dice_jax.errors import DiceError
 from dice_jax.models.decoder import Decoder
 from dice_jax.sampling import Sampler, SamplingConfig
@@ -36,6 +30,7 @@ from dice_jax.sampling.store import (
     load_samples,
     save_samples,
 )
+from dice_jax.training.scoring import bucket_length, plan_batches, plan_prompt_groups
 
 PROMPTS = ["Say hello.", [{"role": "user", "content": "What is 2 + 2?"}],
            "Tell a story about a cat.", "Hi"]
@@ -100,6 +95,8 @@ def test_sampler_logprobs_equal_full_forward(run):
             else:
                 assert s.length == MAX_NEW
             ref = run["direct_policy"][s.prompt_index][s.sample_index]
+            # The sampler's per-token log-probs (~-5) against a direct float32 forward: decode
+            # steps reorder the attention sums, ~2e-5; their sums over <= 40 tokens, 1e-4.
             np.testing.assert_allclose(s.logprobs, ref, atol=2e-5)
             assert abs(float(s.logprobs.sum(dtype=np.float64)) - ref.sum()) <= 1e-4
 
@@ -117,10 +114,13 @@ def test_scores_equal_two_direct_forwards(run):
                dict(batch_size=5, buckets=32, chunk_size=8, share_prompts=False)):
         scored = score_samples(samples, config, run["reference"], run["policy"],
                                reuse_policy_logps=False, progress=False, **kw)
+        # Packed / chunked / bucketed layouts reorder float32 sums of <= 40 token log-probs
+        # (~-5 each, ~200 in total): ~1e-5; 1e-4 absolute.
         np.testing.assert_allclose(scored.logp_reference, want_ref, atol=1e-4, rtol=0)
         np.testing.assert_allclose(scored.logp_policy, want_pi, atol=1e-4, rtol=0)
         np.testing.assert_array_equal(scored.token_counts, counts)
     reused = score_samples(samples, config, run["reference"], progress=False)
+    # As above: float32 sums of <= 40 token log-probs, another layout.
     np.testing.assert_allclose(reused.logp_policy, want_pi, atol=1e-4, rtol=0)
     np.testing.assert_allclose(reused.logp_reference, want_ref, atol=1e-4, rtol=0)
     assert reused.logp_policy.dtype == reused.logp_reference.dtype == np.float32
@@ -159,23 +159,22 @@ def test_batch_plan_and_buckets():
     assert plan_prompt_groups(prompt_lengths, index, rows=16)[0][0] == 4  # one group
     assert prompt_text([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
                        ) == "u"
-    assert prompt_text([5, 6]) == "[5, 6]"
+    # Multi-turn chats and token ids have no D_offline prompt string: named errors.
+    with pytest.raises(DiceError, match="prompt 3: only single-turn"):
+        prompt_text([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                     {"role": "user", "content": "c"}], "prompt 3")
+    with pytest.raises(DiceError, match="expected a string or a list of chat messages"):
+        prompt_text([5, 6])
 
 
 def test_sharded_scoring_matches_one_device():
     """(c) fsdp=8 and data=2 x fsdp=2 x tensor=2 give one device's scores."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
-    here = os.path.dirname(__file__)
-    env["PYTHONPATH"] = os.pathsep.join([here, env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, os.path.join(here, "sharded_scoring.py")], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = run_on_cpu_devices("sharded_scoring.py", timeout=300)
     assert result["devices"] == 8
     single = result["single"]
     for name in ("fsdp8", "d2f2t2"):
         for key in ("reference", "policy"):
+            # Sharded float32 matmuls reorder sums; sequence log-probs ~-200: 1e-4 absolute.
             np.testing.assert_allclose(result[name][key], single[key], atol=1e-4, rtol=0)
         assert result[name]["counts"] == single["counts"]
     assert "fsdp" in result["fsdp8"]["q_spec"] and "fsdp" in result["fsdp8"]["batch_spec"]
@@ -230,9 +229,9 @@ def _corrupt(src, dst, name, how):
 @pytest.mark.parametrize("name,how,message", [
     (SAMPLES_NPZ, "truncate", "samples.npz: corrupt or truncated"),
     (SAMPLES_NPZ, "delete", "samples.npz: missing"),
-    (SAMPLES_JSONL, "truncate", "samples.jsonl: "),
+    (SAMPLES_JSONL, "truncate", "samples.jsonl:"),
     (SAMPLES_JSONL, "delete", "samples.jsonl: missing"),
-    (SAMPLES_META, "truncate", "samples_meta.json: corrupt or truncated"),
+    (SAMPLES_META, "truncate", "samples_meta.json: not valid JSON"),
 ])
 def test_store_bad_files(run, tmp_path, name, how, message):
     """(d) A truncated or missing file is a DiceError naming that file."""
@@ -269,6 +268,7 @@ def test_scored_samples_feed_the_round_builder(run, scale):
     data = build_round_data(scored, offline, cfg)
     diff = sums(run["direct_policy"]) - sums(run["direct_reference"])
     want = 0.1 * diff if scale == "beta" else diff
+    # Difference of two sequence log-probs, each within 1e-4 (see above): 2e-4.
     np.testing.assert_allclose(data.reward, want, atol=2e-4, rtol=0)
     for row in data.samples:
         i, k = row["prompt_index"], row["sample_index"]
@@ -286,6 +286,9 @@ def test_score_inputs_are_checked(run):
                                                    for row in samples.logprobs])
     with pytest.raises(DiceError, match="log-probs"):
         score_samples(short, config, run["reference"], progress=False)
+    ids = dataclasses.replace(samples, prompts=[[5, 6], *samples.prompts[1:]])
+    with pytest.raises(DiceError, match="prompt 0: expected a string"):
+        score_samples(ids, config, run["reference"], progress=False)
     # Multi-device callers place params themselves; a host copy scores the same.
     host = jax.device_get(run["reference"])
     a = score_samples(samples, config, host, progress=False).logp_reference

@@ -57,6 +57,8 @@ def test_restart_from_checkpoint_reproduces_uninterrupted_losses(model, tmp_path
     resumed = second.train()
     assert [h["step"] for h in resumed] == [5, 6]
     assert [h["loss"] for h in killed] == [h["loss"] for h in full[:5]]
+    # The checkpoint restores bit-exact state; the re-compiled step may fuse differently,
+    # ~1 roundoff of a loss ~0.69 (6e-8): 1e-7.
     np.testing.assert_allclose([h["loss"] for h in resumed], [h["loss"] for h in full[4:]],
                                rtol=0, atol=1e-7)
     assert full[-1]["loss"] != full[0]["loss"]

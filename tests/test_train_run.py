@@ -144,7 +144,8 @@ def test_sigkill_then_resume_gives_the_same_run(reference_run, tmp_path, kills):
 @pytest.mark.parametrize("override, message", [
     ("--config.dice.gamma=1.5", "config.dice.gamma"),
     ("--config.sampling.num_samples=1", "K=1"),
-    ("--config.dice.beta=0", "config.dice.beta"),
+    ("--config.train.beta=0", "config.train.beta"),
+    ("--config.dice.beta=0.2", "use train.beta"),
     ("--config.mesh.tensor=3", "config.mesh"),
     ("--config.dice.gama=0.5", "did you mean 'dice.gamma'"),
     ("--config.rounds=two", "config.rounds"),

@@ -1,25 +1,17 @@
 """8 simulated CPU devices: fsdp=8 and data=2 x fsdp=2 x tensor=2 train like 1 device;
 the shared-prompt layout trains like whole rows."""
 
-import json
-import os
-import subprocess
-import sys
+from helpers import run_on_cpu_devices
 
 
 def test_sharded_training_matches_one_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
-    here = os.path.dirname(__file__)
-    env["PYTHONPATH"] = os.pathsep.join([here, env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, os.path.join(here, "sharded_train.py")], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = run_on_cpu_devices("sharded_train.py")
     assert result["devices"] == 8
     single = result["single"]
     assert len(single["losses"]) == 4 and single["losses"][-1] != single["losses"][0]
     for name in ("whole", "fsdp8", "d2f2t2"):
+        # Sharded float32 sums are reordered: losses ~0.7 and norms ~1 agree to ~100
+        # roundoffs over 4 steps; 1e-5.
         for key in ("losses", "grad_norms"):
             diff = max(abs(a - b) for a, b in zip(result[name][key], single[key]))
             assert diff <= 1e-5, (name, key, diff)

@@ -7,7 +7,6 @@ loads it with no missing or unexpected keys.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -18,7 +17,7 @@ from safetensors.numpy import save_file
 from dice_jax.checkpoints.mapping import IGNORED_HF_SUFFIXES, hf_names, rules_for
 from dice_jax.checkpoints.placement import iter_hf_tensors, place_params
 from dice_jax.errors import CheckpointError
-from dice_jax.fileio import atomic_directory, write_json
+from dice_jax.fileio import atomic_directory, read_json, write_json
 from dice_jax.models.config import ModelConfig
 
 SINGLE_FILE = "model.safetensors"
@@ -31,9 +30,8 @@ def _weight_map(folder: str) -> dict[str, str]:
     single = os.path.join(folder, SINGLE_FILE)
     if os.path.isfile(index):
         try:
-            with open(index) as f:
-                mapping = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            mapping = read_json(index)["weight_map"]
+        except (KeyError, TypeError) as e:
             raise CheckpointError(index, f"not a safetensors index ({e})") from None
         return {name: os.path.join(folder, file) for name, file in mapping.items()}
     if os.path.isfile(single):

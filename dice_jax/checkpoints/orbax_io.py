@@ -17,7 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from dice_jax.errors import CheckpointError
-from dice_jax.fileio import atomic_directory, write_json
+from dice_jax.fileio import atomic_directory, read_json, write_json
 from dice_jax.models.config import ModelConfig
 from dice_jax.sharding import param_shapes, param_shardings
 
@@ -48,11 +48,9 @@ def read_checkpoint_config(path: str) -> ModelConfig:
     marker = os.path.join(path, MARKER)
     if not os.path.isfile(marker):
         raise CheckpointError(path, f"not a dice-jax checkpoint (no {MARKER})")
-    try:
-        with open(marker) as f:
-            meta = json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(marker, f"not valid JSON ({e})") from None
+    meta = read_json(marker)
+    if not isinstance(meta, dict):
+        raise CheckpointError(marker, "not a JSON object")
     if meta.get("format") != "dice-jax" or meta.get("version") != FORMAT_VERSION:
         raise CheckpointError(marker, f"unsupported checkpoint format {meta.get('format')!r} "
                               f"version {meta.get('version')!r}")

@@ -10,43 +10,41 @@ prompt swap order), so it is searched as a black box, three ways:
 Every search is seeded and returns the full (alpha, objective) trace for plots.
 """
 
-from __future__ import annotations
-
 import dataclasses
 
 import numpy as np
 
 from dice_jax.dice.rewards import length_gap_objective
+from dice_jax.errors import ConfigError
+from dice_jax.settings import check_settings, section, setting
 
 METHODS = ("grid", "random", "gp")
 OBJECTIVES = ("mean_abs", "abs_mean")
 
 
-@dataclasses.dataclass(frozen=True)
+@section
 class AlphaSearchConfig:
-    """How alpha* is searched. `alpha_max=None` uses `auto_alpha_max`; `grid_step=None`
-    uses 1/1000 of the range."""
+    """How alpha* is searched (the run config's `dice.search`)."""
 
-    method: str = "random"
-    objective: str = "mean_abs"
-    alpha_min: float = 0.0
-    alpha_max: float | None = None
-    grid_step: float | None = None
-    num_trials: int = 64
-    seed: int = 0
+    method: str = setting("random", "random (the paper's text) | grid (official code) | gp "
+                          "(the appendix's scikit-optimize)", choices=METHODS)
+    objective: str = setting("mean_abs", "mean_abs: Eq. 9, E|gap| | abs_mean: the official "
+                             "|E gap|", choices=OBJECTIVES)
+    alpha_min: float = setting(0.0, "lower end of the alpha range", min=0)
+    alpha_max: float | None = setting(None, "upper end (None: auto_alpha_max)", above=0)
+    grid_step: float | None = setting(None, "grid step (None: 1/1000 of the range)",
+                                      above=0)
+    num_trials: int = setting(64, "objective evaluations (random / gp)", min=1)
+    seed: int = setting(0, "random / gp seed", managed="config.seed (each round derives "
+                        "its own)")
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"alpha search method {self.method!r}; expected one of {METHODS}")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"alpha objective {self.objective!r}; expected one of {OBJECTIVES}")
-        if self.alpha_min < 0 or (self.alpha_max is not None and self.alpha_max <= self.alpha_min):
-            raise ValueError(f"alpha range [{self.alpha_min}, {self.alpha_max}] is empty or "
-                             "negative")
-        if self.grid_step is not None and self.grid_step <= 0:
-            raise ValueError(f"grid_step={self.grid_step} must be > 0")
-        if self.num_trials < 1:
-            raise ValueError(f"num_trials={self.num_trials} must be >= 1")
+        check_settings(self, "dice.search.")
+
+    def check(self) -> None:
+        if self.alpha_max is not None and self.alpha_max <= self.alpha_min:
+            raise ConfigError(f"config.dice.search.alpha_max: {self.alpha_max} must exceed "
+                              f"alpha_min={self.alpha_min}")
 
 
 @dataclasses.dataclass(frozen=True)

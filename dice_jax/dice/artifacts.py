@@ -3,9 +3,7 @@ read, `stats.json`, and the two PNG figures, all into a folder created atomicall
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -13,23 +11,16 @@ import numpy as np
 from dice_jax.dice.builder import RoundData
 from dice_jax.dice.plots import plot_alpha_landscape, plot_length_gap
 from dice_jax.dice.rewards import length_gap_objective
-from dice_jax.fileio import atomic_directory, write_json
+from dice_jax.fileio import (
+    atomic_directory,
+    write_json,
+    write_jsonl,
+)
 
 SAMPLES_FILE = "samples.jsonl"   # every (prompt, response) with log-probs and rewards
 PAIRS_FILE = "pairs.jsonl"       # D(alpha*)
 MIXED_FILE = "mixed.jsonl"       # D_t: D(alpha*) mixed with replayed offline pairs
 STATS_FILE = "stats.json"
-
-
-def write_jsonl(path: str, rows: Iterable[dict[str, Any]]) -> None:
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def write_round_data(data: RoundData, destination: str) -> str:

@@ -9,8 +9,6 @@ absolute gap, random search) and the official code where the paper is silent (fi
 replay sizes, character lengths); each is a config field.
 """
 
-from __future__ import annotations
-
 import dataclasses
 from collections import Counter
 from typing import Any
@@ -28,29 +26,53 @@ from dice_jax.dice.rewards import (
     mean_length_gap,
     select_pairs,
 )
-from dice_jax.errors import DiceError
+from dice_jax.errors import ConfigError, DiceError
+from dice_jax.settings import check_settings, section, setting
 
 
-@dataclasses.dataclass(frozen=True)
+@section
 class DiceDataConfig:
-    beta: float = 0.1
-    reward_scale: str = "beta"   # "beta": Eq. 4 as written; "none": the official code
-    length_unit: str = "chars"   # "chars" (paper, official) or "tokens"
-    gamma: float = 0.5           # replay fraction of offline data
-    seed: int = 0
-    filters: FilterConfig = dataclasses.field(default_factory=FilterConfig)
-    search: AlphaSearchConfig = dataclasses.field(default_factory=AlphaSearchConfig)
+    """The DICE round's settings (the run config's `dice` section): scoring, rewards,
+    filters, alpha* search and replay."""
+
+    beta: float = setting(0.1, "Eq. 4's beta", above=0, managed="train.beta (one beta for "
+                          "the loss and the reward)")
+    reward_scale: str = setting("beta", "factor on log(pi/pi_ref) in Eq. 4: beta (as "
+                                "written) | none (the official code: 1) | a number")
+    length_unit: str = setting("chars", "|y| in Eq. 8 and 9: chars (paper, official) | "
+                               "tokens", choices=("chars", "tokens"))
+    gamma: float = setting(0.5, "replay: fraction of D_t drawn from D_offline", min=0,
+                           max=1)
+    reuse_sampler_logps: bool = setting(True, "log pi from the sampler instead of a second "
+                                        "forward (tests show they are equal)")
+    score_batch_size: int = setting(32, "sequences per reference forward", min=1)
+    judge_max_new_tokens: int = setting(256, "llm_judge baseline: tokens per rating", min=1)
+    seed: int = setting(0, "search and replay seed", managed="config.seed (each round "
+                        "derives its own)")
+    filters: FilterConfig = setting(factory=FilterConfig, help="which samples may pair")
+    search: AlphaSearchConfig = setting(factory=AlphaSearchConfig, help="alpha* search")
 
     def __post_init__(self) -> None:
-        if self.beta <= 0:
-            raise DiceError(f"dice.beta={self.beta} must be > 0")
-        if self.reward_scale not in ("beta", "none"):
-            raise DiceError(f"dice.reward_scale={self.reward_scale!r}; expected 'beta' or 'none'")
-        if self.length_unit not in ("chars", "tokens"):
-            raise DiceError(f"dice.length_unit={self.length_unit!r}; expected 'chars' or "
-                            "'tokens'")
-        if not 0.0 <= self.gamma <= 1.0:
-            raise DiceError(f"dice.gamma={self.gamma} must lie in [0, 1]")
+        check_settings(self, "dice.")
+
+    def check(self) -> None:
+        _ = self.scale
+
+    @property
+    def scale(self) -> float:
+        """The factor on `log pi - log pi_ref` in Eq. 4."""
+        if self.reward_scale == "beta":
+            return self.beta
+        if self.reward_scale == "none":
+            return 1.0
+        try:
+            value = float(self.reward_scale)
+        except ValueError:
+            value = -1.0
+        if not value > 0:
+            raise ConfigError(f"config.dice.reward_scale: {self.reward_scale!r} is not 'beta', "
+                              "'none' or a positive number")
+        return value
 
 
 @dataclasses.dataclass
@@ -112,7 +134,7 @@ def build_round_data(samples: ScoredSamples, offline: list[dict[str, Any]],
     samples.validate()
     if judge_scores is None:
         reward = np.asarray(implicit_reward(samples.logp_policy, samples.logp_reference,
-                                            config.beta, scaled=config.reward_scale == "beta"))
+                                            config.scale))
     else:
         reward = np.asarray(judge_scores, np.float32)
     char_lengths = np.array([[len(r) for r in row] for row in samples.responses], np.int64)
@@ -136,7 +158,8 @@ def build_round_data(samples: ScoredSamples, offline: list[dict[str, Any]],
         raise DiceError(f"every response was filtered out (drops: {dict(drops)}); nothing "
                         "to pair. Loosen dice.filters or sample more tokens")
     if judge_scores is None:
-        search = search_alpha(reward, lengths, valid, config.search)
+        search = search_alpha(reward, lengths, valid,
+                              dataclasses.replace(config.search, seed=config.seed))
     else:
         at_zero = float(length_gap_objective(np.float32(0.0), reward, lengths, valid,
                                              objective=config.search.objective))

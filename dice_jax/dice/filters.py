@@ -5,27 +5,35 @@ length is outside (min_chars, max_chars), are dropped; a prompt needs at least `
 valid responses. Every drop is counted by reason.
 """
 
-from __future__ import annotations
-
-import dataclasses
 from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
 
+from dice_jax.errors import ConfigError
+from dice_jax.settings import check_settings, section, setting
 
-@dataclasses.dataclass(frozen=True)
+
+@section
 class FilterConfig:
-    drop_truncated: bool = True  # finish_reason == "length": no end-of-turn
-    min_chars: int = 3           # dropped when len <= min_chars (official: <= 3)
-    max_chars: int = 6700        # dropped when len >= max_chars (official: >= 6700)
-    min_valid: int = 8           # official: 8 of K=16
+    """Which samples may enter a pair (the run config's `dice.filters`)."""
+
+    drop_truncated: bool = setting(True, "drop responses that hit the token limit without "
+                                   "end-of-turn")
+    min_chars: int = setting(3, "drop responses of at most this many characters "
+                             "(official: <= 3; -1 keeps empty ones)", min=-1)
+    max_chars: int = setting(6700, "drop responses of at least this many characters "
+                             "(official: >= 6700)", min=1)
+    min_valid: int = setting(8, "valid responses a prompt needs (official: 8 of K=16)",
+                             min=2)
 
     def __post_init__(self) -> None:
-        if self.min_valid < 2:
-            raise ValueError(f"min_valid={self.min_valid}: a pair needs >= 2 responses")
+        check_settings(self, "dice.filters.")
+
+    def check(self) -> None:
         if self.max_chars <= self.min_chars:
-            raise ValueError(f"max_chars={self.max_chars} must exceed min_chars={self.min_chars}")
+            raise ConfigError(f"config.dice.filters.max_chars: {self.max_chars} must exceed "
+                              f"min_chars={self.min_chars}")
 
 
 def valid_responses(finish_reasons: Sequence[Sequence[str]], char_lengths: np.ndarray,

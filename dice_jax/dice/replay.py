@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from dice_jax.data import prompt_text
+
 Row = dict[str, Any]
 
 
@@ -50,17 +52,10 @@ def mix_replay(generated: Sequence[Row], offline: Sequence[Row], gamma: float,
     rng = np.random.default_rng(seed)
     gen_idx = rng.permutation(len(generated))[:n_gen]
     kept = [dict(generated[i], source="generated") for i in sorted(gen_idx)]
-    used = {_prompt_key(r["prompt"]) for r in kept}
-    candidates = [i for i, r in enumerate(offline) if _prompt_key(r["prompt"]) not in used]
+    used = {prompt_text(r["prompt"]) for r in kept}
+    candidates = [i for i, r in enumerate(offline) if prompt_text(r["prompt"]) not in used]
     off_idx = rng.permutation(len(candidates))[:n_off]
     taken = [dict(offline[candidates[j]], source="offline") for j in sorted(off_idx)]
     rows = kept + taken
     order = rng.permutation(len(rows))
     return ReplayMix([rows[i] for i in order], len(kept), len(taken), n_off - len(taken))
-
-
-def _prompt_key(prompt: Any) -> str:
-    """Prompts may be strings or chat message lists; compare them by their text."""
-    if isinstance(prompt, str):
-        return prompt
-    return "\x00".join(f"{m.get('role')}:{m.get('content')}" for m in prompt)

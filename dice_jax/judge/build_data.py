@@ -23,8 +23,7 @@ transformers/tokenizers and if-verifiable; `--readme` records them.
 
 from __future__ import annotations
 
-import argparse
-import json
+import dataclasses
 import os
 import platform
 import shlex
@@ -34,7 +33,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from dice_jax.errors import DiceError
+from dice_jax.fileio import atomic_write_text, write_jsonl
 
+PROG = "python -m dice_jax.judge.build_data"
 DEFAULTS: dict[str, Any] = {
     "model": "embedded:smollm2", "num_prompts": 256, "prompt_seed": 0, "num_samples": 4,
     "max_new_tokens": 128, "temperature": 0.7, "top_p": 0.9, "top_k": 0, "seed": 0,
@@ -42,35 +43,70 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The CLI's arguments (their defaults are DEFAULTS)."""
-    p = argparse.ArgumentParser(prog="python -m dice_jax.judge.build_data",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="JSONL file to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--readme", default=None,
-                   help="also write a Markdown file recording the command, settings, versions "
-                        "and statistics")
-    p.add_argument("--model", default=DEFAULTS["model"], help="any load_model source")
-    p.add_argument("--num-prompts", type=int, default=DEFAULTS["num_prompts"],
-                   help="first N prompts of the train split")
-    p.add_argument("--prompt-seed", type=int, default=DEFAULTS["prompt_seed"],
-                   help="seed of the train prompt set")
-    p.add_argument("--num-samples", type=int, default=DEFAULTS["num_samples"], help="K")
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULTS["max_new_tokens"])
-    p.add_argument("--temperature", type=float, default=DEFAULTS["temperature"])
-    p.add_argument("--top-p", type=float, default=DEFAULTS["top_p"])
-    p.add_argument("--top-k", type=int, default=DEFAULTS["top_k"])
-    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="sampling seed")
-    p.add_argument("--batch-prompts", type=int, default=DEFAULTS["batch_prompts"],
-                   help="prompts per batch, fixed (regeneration unit)")
-    p.add_argument("--prompt-bucket", type=int, default=DEFAULTS["prompt_bucket"],
-                   help="every prompt is padded to this many tokens (a power of two); a "
-                        "longer prompt is an error")
-    return p
+HELP: dict[str, str] = {
+    "model": "any load_model source", "num_prompts": "first N prompts of the train split",
+    "prompt_seed": "seed of the train prompt set", "num_samples": "K, responses per prompt",
+    "max_new_tokens": "most new tokens per response", "temperature": "sampling temperature",
+    "top_p": "nucleus sampling mass", "top_k": "top-k sampling (0: off)",
+    "seed": "sampling seed", "batch_prompts": "prompts per batch, fixed (regeneration unit)",
+    "prompt_bucket": "every prompt is padded to this many tokens (a power of two); a longer "
+                     "prompt is an error",
+}
 
 
-def sampling_config(args: argparse.Namespace) -> Any:
+@dataclasses.dataclass
+class BuildArgs:
+    """The settings of a build (the CLI's flags; defaults are DEFAULTS)."""
+
+    out: str
+    overwrite: bool = False
+    readme: str | None = None
+    model: str = DEFAULTS["model"]
+    num_prompts: int = DEFAULTS["num_prompts"]
+    prompt_seed: int = DEFAULTS["prompt_seed"]
+    num_samples: int = DEFAULTS["num_samples"]
+    max_new_tokens: int = DEFAULTS["max_new_tokens"]
+    temperature: float = DEFAULTS["temperature"]
+    top_p: float = DEFAULTS["top_p"]
+    top_k: int = DEFAULTS["top_k"]
+    seed: int = DEFAULTS["seed"]
+    batch_prompts: int = DEFAULTS["batch_prompts"]
+    prompt_bucket: int = DEFAULTS["prompt_bucket"]
+
+
+def _define(fv: Any) -> None:
+    from absl import flags
+
+    flags.DEFINE_string("out", None, "JSONL file to write (required)", flag_values=fv)
+    flags.DEFINE_boolean("overwrite", False, "replace an existing --out", flag_values=fv)
+    flags.DEFINE_string("readme", None, "also write a Markdown file recording the command, "
+                        "settings, versions and statistics", flag_values=fv)
+    define = {str: flags.DEFINE_string, int: flags.DEFINE_integer,
+              float: flags.DEFINE_float}
+    for key, default in DEFAULTS.items():
+        define[type(default)](key, default, HELP[key], flag_values=fv)
+
+
+def _args_of(fv: Any, positional: Sequence[str]) -> BuildArgs:
+    from dice_jax.errors import ConfigError
+
+    if positional:
+        raise ConfigError(f"no positional arguments expected, got {list(positional)}; "
+                          "see --help")
+    if not fv.out:
+        raise ConfigError("--out is required (the JSONL file to write)")
+    return BuildArgs(**{f.name: fv[f.name].value for f in dataclasses.fields(BuildArgs)})
+
+
+def parse_args(argv: Sequence[str]) -> BuildArgs:
+    """The settings of a command line (without the program name), e.g. the one the data's
+    README records; ConfigError on bad input."""
+    from dice_jax.cli import parse_command_line
+
+    return _args_of(*parse_command_line(argv, PROG, __doc__, _define))
+
+
+def sampling_config(args: BuildArgs) -> Any:
     """The SamplingConfig of a build: one prompt bucket, fixed batches of B prompts."""
     from dice_jax.sampling import SamplingConfig
 
@@ -85,7 +121,7 @@ def sampling_config(args: argparse.Namespace) -> Any:
             num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
             max_prompt_tokens=bucket, truncate_prompts=False, min_bucket=bucket,
-            max_batch_prompts=batch, cache_budget_bytes=1 << 40)
+            max_batch_prompts=batch, cache_budget_gb=1024.0)
     except ValueError as e:
         raise DiceError(f"sampling settings: {e}") from None
 
@@ -123,26 +159,9 @@ def build_rows(prompts: Sequence[Mapping[str, Any]], samples: Sequence[Sequence[
     return rows, stats
 
 
-def write_jsonl(path: str, rows: Sequence[Mapping[str, Any]], overwrite: bool = False) -> None:
-    """Rows as JSONL (key order kept, UTF-8), via a temporary file renamed into place."""
-    if os.path.lexists(path) and not overwrite:
-        raise DiceError(f"{path}: already exists; pass --overwrite to replace it")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def command_line(args: argparse.Namespace) -> str:
+def command_line(args: BuildArgs) -> str:
     """The full command of a build, every setting spelled out (no --overwrite / --readme)."""
-    parts = ["python", "-m", "dice_jax.judge.build_data", "--out", args.out]
+    parts = [*PROG.split(), "--out", args.out]
     for key in DEFAULTS:
         parts += ["--" + key.replace("_", "-"), str(getattr(args, key))]
     return shlex.join(parts)
@@ -162,7 +181,7 @@ def versions() -> dict[str, str]:
     return out
 
 
-def write_readme(path: str, args: argparse.Namespace, stats: Mapping[str, Any],
+def write_readme(path: str, args: BuildArgs, stats: Mapping[str, Any],
                  seconds: float, num_bytes: int) -> None:
     """A Markdown record of how the data file was made (temporary file + rename)."""
     lines = [
@@ -188,13 +207,10 @@ def write_readme(path: str, args: argparse.Namespace, stats: Mapping[str, Any],
         "`instruction_ids`, `kwargs` (rebuild the prompt's checkers), `scores` (all K gold "
         "scores), `chosen_index`, `rejected_index` (sample indices), `chosen_finish`, "
         "`rejected_finish` (`stop` or `length`).", ""]
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n".join(lines))
 
 
-def build(args: argparse.Namespace) -> dict[str, Any]:
+def build(args: BuildArgs) -> dict[str, Any]:
     """Samples, judges, labels and writes; returns the statistics (and seconds)."""
     from dice_jax.checkpoints import load_model
     from dice_jax.judge.prompts import generate_prompts
@@ -217,24 +233,29 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         raise DiceError(f"train prompts (seed {args.prompt_seed}): {e}") from None
     seconds = time.perf_counter() - start
     rows, stats = build_rows(prompts, result.samples)
-    write_jsonl(args.out, rows, args.overwrite)
+    if os.path.lexists(args.out) and not args.overwrite:
+        raise DiceError(f"{args.out}: already exists; pass --overwrite to replace it")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    write_jsonl(args.out, rows)
     stats["generated_tokens"] = result.num_generated_tokens
     if args.readme:
         write_readme(args.readme, args, stats, seconds, os.path.getsize(args.out))
     return {**stats, "seconds": seconds}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; exit code 2 with one line on a DiceError."""
-    args = build_parser().parse_args(argv)
-    try:
-        stats = build(args)
-    except DiceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def _run(fv: Any, positional: list[str]) -> int:
+    args = _args_of(fv, positional)
+    stats = build(args)
     print(f"wrote {stats['pairs']} pairs from {stats['prompts']} prompts ({stats['ties']} "
           f"ties) to {args.out}; sampling took {stats['seconds']:.0f} s")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; exit code 2 with one `error:` line on bad input or a DiceError."""
+    from dice_jax.cli import run_main
+
+    return run_main(_run, argv, PROG, __doc__, _define)
 
 
 if __name__ == "__main__":

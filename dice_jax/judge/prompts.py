@@ -19,8 +19,6 @@ Usage: `python -m dice_jax.judge.prompts --split train|eval --num N --seed S OUT
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import random
 import string
@@ -32,6 +30,7 @@ from if_verifiable.ifeval import instructions_registry as registry
 from if_verifiable.ifeval import instructions_util
 
 from dice_jax.errors import DiceError
+from dice_jax.fileio import iter_jsonl, write_jsonl
 from dice_jax.judge.tasks import BASE_TASKS
 
 SPLITS = ("train", "eval")
@@ -255,78 +254,68 @@ def write_prompts(path: str, rows: Iterable[Mapping[str, Any]]) -> None:
 
     Refuses an existing `path` (DiceError), so a prompt set is never silently replaced.
     """
-    if os.path.lexists(path):
-        raise DiceError(f"{path}: already exists; refusing to overwrite")
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps({k: row[k] for k in ROW_KEYS}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_jsonl(path, ({k: row[k] for k in ROW_KEYS} for row in rows), ensure_ascii=True,
+                overwrite=False)
 
 
 def read_prompts(path: str) -> list[dict[str, Any]]:
     """Reads a prompt set written by `write_prompts`, checking each row's shape."""
-    if not os.path.isfile(path):
-        raise DiceError(f"{path}: file not found")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DiceError(f"{path}:{line_no}: not valid JSON ({e})") from None
-            missing = [k for k in ROW_KEYS if k not in row] if isinstance(row, dict) else ROW_KEYS
-            if missing:
-                raise DiceError(f"{path}:{line_no}: prompt row lacks {list(missing)}")
-            if (not isinstance(row["instruction_ids"], list) or not isinstance(row["kwargs"], list)
-                    or len(row["instruction_ids"]) != len(row["kwargs"])):
-                raise DiceError(f"{path}:{line_no}: instruction_ids and kwargs must be lists "
-                                "of the same length")
-            rows.append(row)
+    for line_no, row in iter_jsonl(path):
+        missing = [k for k in ROW_KEYS if k not in row] if isinstance(row, dict) else ROW_KEYS
+        if missing:
+            raise DiceError(f"{path}:{line_no}: prompt row lacks {list(missing)}")
+        if (not isinstance(row["instruction_ids"], list) or not isinstance(row["kwargs"], list)
+                or len(row["instruction_ids"]) != len(row["kwargs"])):
+            raise DiceError(f"{path}:{line_no}: instruction_ids and kwargs must be lists "
+                            "of the same length")
+        rows.append(row)
     return rows
+
+
+def _define(fv: Any) -> None:
+    from absl import flags
+
+    flags.DEFINE_enum("split", None, list(SPLITS), "which split (required)", flag_values=fv)
+    flags.DEFINE_integer("num", None, "number of prompts (required)", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "prompt-set seed", flag_values=fv)
+    flags.DEFINE_integer("split_seed", DEFAULT_SPLIT_SEED, "seed of the train/eval base-task "
+                         "partition (keep the default so train and eval sets never share a "
+                         "task)", flag_values=fv)
+    flags.DEFINE_float("eval_fraction", DEFAULT_EVAL_FRACTION, "fraction of base tasks kept "
+                       "for the eval split", flag_values=fv)
+
+
+def _run(fv: Any, positional: list[str]) -> int:
+    from dice_jax.errors import ConfigError
+
+    if fv.split is None or fv.num is None:
+        raise ConfigError("--split and --num are required; see --help")
+    if len(positional) != 1:
+        raise ConfigError(f"expected one OUT.jsonl, got {len(positional)} argument(s) "
+                          f"{positional}; see --help")
+    out = positional[0]
+    if fv.num < 1:
+        raise DiceError(f"--num must be >= 1, not {fv.num}")
+    if os.path.lexists(out):
+        raise DiceError(f"{out}: already exists; refusing to overwrite")
+    rows = generate_prompts(fv.split, fv.num, fv.seed, split_seed=fv.split_seed,
+                            eval_fraction=fv.eval_fraction)
+    write_prompts(out, rows)
+    n_tasks = len({r["base_task"] for r in rows})
+    print(f"wrote {len(rows)} {fv.split} prompts ({n_tasks} base tasks, seed {fv.seed}) "
+          f"to {out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: writes a prompt set; exit code 2 with a one-line error on bad input."""
-    parser = argparse.ArgumentParser(prog="python -m dice_jax.judge.prompts",
-                                     description="Write a seeded instruction-prompt set "
-                                                 "(JSONL) of the train or eval split.")
-    parser.add_argument("--split", choices=SPLITS, required=True)
-    parser.add_argument("--num", type=int, required=True, help="number of prompts")
-    parser.add_argument("--seed", type=int, default=0, help="prompt-set seed")
-    parser.add_argument("--split-seed", type=int, default=DEFAULT_SPLIT_SEED,
-                        help="seed of the train/eval base-task partition (keep the default "
-                             "so train and eval sets never share a task)")
-    parser.add_argument("--eval-fraction", type=float, default=DEFAULT_EVAL_FRACTION,
-                        help="fraction of base tasks kept for the eval split")
-    parser.add_argument("out", help="JSONL file to write (must not exist)")
-    args = parser.parse_args(argv)
-    try:
-        if args.num < 1:
-            raise DiceError(f"--num must be >= 1, not {args.num}")
-        if os.path.lexists(args.out):
-            raise DiceError(f"{args.out}: already exists; refusing to overwrite")
-        rows = generate_prompts(args.split, args.num, args.seed, split_seed=args.split_seed,
-                                eval_fraction=args.eval_fraction)
-        write_prompts(args.out, rows)
-    except DiceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    n_tasks = len({r["base_task"] for r in rows})
-    print(f"wrote {len(rows)} {args.split} prompts ({n_tasks} base tasks, seed {args.seed}) "
-          f"to {args.out}")
-    return 0
+    from dice_jax.cli import run_main
+
+    return run_main(_run, argv, "python -m dice_jax.judge.prompts",
+                    "Write a seeded instruction-prompt set (JSONL) of the train or eval "
+                    "split.\n\n" + __doc__.rstrip().rsplit("\n\n", 1)[-1], _define)
 
 
 if __name__ == "__main__":

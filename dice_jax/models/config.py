@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
 
 from dice_jax.errors import CheckpointError
+from dice_jax.fileio import read_json
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 DTYPES = ("float32", "bfloat16")
@@ -156,13 +156,7 @@ class ModelConfig:
     @classmethod
     def from_hf_file(cls, path: str, **overrides: Any) -> ModelConfig:
         """Reads an HF `config.json`."""
-        if not os.path.isfile(path):
-            raise CheckpointError(path, "file not found")
-        try:
-            with open(path) as f:
-                hf = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(path, f"not valid JSON ({e})") from None
+        hf = read_json(path)
         if not isinstance(hf, dict):
             raise CheckpointError(path, "expected a JSON object")
         return cls.from_hf_dict(hf, source=path, **overrides)

@@ -1,6 +1,7 @@
 """The Llama-3 / Mistral decoder in Flax linen.
 
-Parameters form a plain nested dict (see `PARAM_LAYOUT` in `dice_jax.checkpoints.mapping`):
+Parameters form a plain nested dict, laid out as below (`rules_for` in
+`dice_jax.checkpoints.mapping` maps each entry to its Hugging Face tensor):
 
     embed [vocab, embed]
     layers/attn_norm [layers, embed]           layers/mlp_norm [layers, embed]
@@ -14,6 +15,12 @@ their multi-dimensional shapes. Layers are stacked along a leading `layers` axis
 with `nn.scan`, so XLA compiles one layer whatever the depth; the backward pass keeps only
 the weight matmuls' outputs per layer (or nothing with `remat=True`). Every parameter and
 large activation carries logical axis names; `dice_jax.sharding` maps them to mesh axes.
+
+Choices made for speed on XLA:CPU, each explained where it is made: attention in causal
+query blocks when the query slots are known at trace time (`grouped_attention`), the
+softmax's row sums taken from the value product (`_attend`), a target token's logit read
+from its embedding row (`Decoder.target_logits`), and the per-token parts run on packed
+real tokens when given a `Packing` (`dice_jax.models.packing`).
 
 For generation the decoder takes an optional KV cache (`init_cache`, `Decoder.extend`): a dict
 of `k` and `v` arrays `[layers, batch, cache_len, kv_heads, head_dim]` (logical axes

@@ -21,9 +21,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from dice_jax.errors import DiceError
-from dice_jax.fileio import atomic_directory, write_json
-from dice_jax.run.config import ConfigError
+from dice_jax.errors import ConfigError, DiceError
+from dice_jax.fileio import atomic_directory, read_json, write_json
 
 # Keys a resumed run may change without invalidating completed stages.
 RESUME_MUTABLE_KEYS = ("rounds", "export_hf_each_round")
@@ -32,7 +31,15 @@ RESUME_MUTABLE_KEYS = ("rounds", "export_hf_each_round")
 class RunFolder:
     def __init__(self, root: str, config: dict[str, Any]) -> None:
         self.root = os.path.abspath(root)
-        os.makedirs(self.root, exist_ok=True)
+        if os.path.exists(self.root) and not os.path.isdir(self.root):
+            raise ConfigError(f"config.run_dir: {self.root} is an existing file, not a folder")
+        try:
+            os.makedirs(self.root, exist_ok=True)
+        except OSError as e:  # a parent is a file, no permission, read-only file system
+            raise ConfigError(f"config.run_dir: cannot create {self.root} "
+                              f"({e.strerror or e})") from None
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise ConfigError(f"config.run_dir: {self.root} is not writable")
         self._check_config(config)
         self._manifest_path = os.path.join(self.root, "manifest.json")
         self.manifest = self._read_manifest()
@@ -42,8 +49,7 @@ class RunFolder:
         if not os.path.exists(path):
             write_json(path, config)
             return
-        with open(path) as f:
-            saved = json.load(f)
+        saved = read_json(path)
         changed = sorted(k for k in _flatten(config).keys() | _flatten(saved).keys()
                          if _flatten(config).get(k) != _flatten(saved).get(k)
                          and not k.startswith(RESUME_MUTABLE_KEYS))
@@ -112,8 +118,7 @@ def seed_stages(source: str, run_dir: str, stages: list[str] | tuple[str, ...]) 
     (those of them its manifest records); returns the stages copied. The new run writes
     its own config.json at launch, so its config may differ where the copied stages allow
     (e.g. the method after a shared round 0)."""
-    with open(os.path.join(source, "manifest.json")) as f:
-        done = json.load(f)["stages"]
+    done = read_json(os.path.join(source, "manifest.json"))["stages"]
     os.makedirs(run_dir, exist_ok=True)
     kept = [name for name in stages if name in done]
     for name in kept:

@@ -18,16 +18,16 @@ same command again resumes a killed run at its first incomplete stage.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any
 
 import jax
-import ml_collections as mlc
 
 from dice_jax.checkpoints.hf import export_hf_folder
+from dice_jax.config import RunConfig
 from dice_jax.data import load_preference_data
-from dice_jax.evaluate import evaluate_with_config
 from dice_jax.run import stages
 from dice_jax.run.folder import RunFolder
 from dice_jax.run.models import RoundModels
@@ -40,9 +40,9 @@ log = logging.getLogger("dice_jax.run")
 class DiceRun:
     """One run folder's rounds. `run()` does whatever is not complete yet."""
 
-    def __init__(self, config: mlc.ConfigDict, progress: bool = True) -> None:
+    def __init__(self, config: RunConfig, progress: bool = True) -> None:
         self.config, self.progress = config, progress
-        self.mesh = make_mesh(dict(config.mesh))
+        self.mesh = make_mesh(config.mesh.as_dict())
         self.folder = RunFolder(config.run_dir, config.to_dict())
         self.models = RoundModels(config, self.folder, self.mesh)
         self._offline: list[dict[str, Any]] | None = None
@@ -72,12 +72,14 @@ class DiceRun:
         if not self.config.eval.enabled:
             return
 
+        sampling = dataclasses.replace(self.config.sampling, progress=self.progress)
+
         def work(folder: str) -> dict[str, Any]:
             self.models.ensure_loaded()
-            metrics = evaluate_with_config(self.models.load(source), self.models.model_config,
-                                           self.models.tokenizer, self.config, folder,
-                                           mesh=self.mesh, generator_name=f"dice-jax:{name}")
-            return {mode: metrics[mode] for mode in ("greedy", "sampled") if metrics.get(mode)}
+            return stages.eval_stage(folder, self.models.load(source),
+                                     self.models.model_config, self.models.tokenizer,
+                                     self.config.eval, sampling, self.mesh,
+                                     f"dice-jax:{name}")
 
         self._stage(f"{name}/eval", work)
 
@@ -85,7 +87,7 @@ class DiceRun:
         """DPO for round t from pi_theta(t-1); `reference_source=None`: pi_theta(t-1)."""
         name = f"round_{t}/train"
         init = self.models.policy_source(t - 1) if t > 0 else self.config.model.policy
-        cfg = stages.train_config(self.config, self.round_seed(t))
+        cfg = stages.round_settings(self.config, self.round_seed(t), self.progress)[2]
         trained: dict[str, Any] = {}
 
         def work(folder: str) -> dict[str, Any]:
@@ -114,14 +116,14 @@ class DiceRun:
         sample_name, score_name = f"round_{t}/sample", f"round_{t}/score"
         judge_name, data_name = f"round_{t}/judge", f"round_{t}/data"
         policy, reference = self.models.policy_source(t - 1), self.models.reference_source(t - 1)
-        seed = self.round_seed(t)
+        sampling, data_config, _ = stages.round_settings(c, self.round_seed(t), self.progress)
 
         def sample(folder: str) -> dict[str, Any]:
             self.models.ensure_loaded()
             return stages.sample_stage(folder, sample_name, self.models.load(policy),
                                        self.models.model_config, self.models.tokenizer,
                                        stages.unique_prompts(self.offline),
-                                       stages.sampling_config(c, seed), self.mesh)
+                                       sampling, self.mesh)
 
         sample_dir = self._stage(sample_name, sample)
         judge = None
@@ -130,9 +132,8 @@ class DiceRun:
                 self.models.ensure_loaded()
                 return stages.judge_stage(folder, judge_name, sample_dir,
                                           self.models.load(policy), self.models.model_config,
-                                          self.models.tokenizer, self.mesh, seed,
-                                          c.dice.judge_max_new_tokens,
-                                          c.sampling.cache_budget_gb)
+                                          self.models.tokenizer, self.mesh, sampling,
+                                          c.dice.judge_max_new_tokens)
 
             judge = stages.read_judge_scores(self._stage(judge_name, rate))
 
@@ -149,7 +150,7 @@ class DiceRun:
         def build(folder: str) -> dict[str, Any]:
             scored, _ = stages.read_scored(sample_dir, score_dir)
             return stages.data_stage(folder, scored, self.offline,
-                                     stages.dice_data_config(c, seed), judge)
+                                     data_config, judge)
 
         data_dir = self._stage(data_name, build)
         self._train(t, lambda: stages.read_mixed(data_dir), None)
@@ -175,6 +176,7 @@ class DiceRun:
     def run(self) -> str:
         """Runs every incomplete stage; returns the run folder."""
         c = self.config
+        _ = self.offline  # read and checked first: a bad row stops the run before any work
         self._eval("start", c.model.policy)
         if c.round0:
             self._round_zero()

@@ -7,11 +7,12 @@ dice-jax and from a TRL run can be overlaid. TensorBoard files are written with
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 from tensorboardX import SummaryWriter
+
+from dice_jax.fileio import append_jsonl, read_jsonl
 
 
 class MetricsWriter:
@@ -32,8 +33,7 @@ class MetricsWriter:
     def write(self, record: dict[str, Any]) -> None:
         step = int(record["step"])
         if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record, sort_keys=True) + "\n")
+            append_jsonl(self.path, record)
         for name, value in record.items():
             if name != "step" and isinstance(value, int | float):
                 tag = f"{self.prefix}/{name}" if self.prefix else name
@@ -47,13 +47,4 @@ class MetricsWriter:
 def read_metrics(path: str) -> list[dict[str, Any]]:
     """The records of a `metrics.jsonl` (missing file: none); a torn last line (killed
     while writing) is skipped."""
-    if not os.path.isfile(path):
-        return []
-    records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
+    return read_jsonl(path, skip_invalid=True) if os.path.isfile(path) else []

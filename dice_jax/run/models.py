@@ -20,12 +20,12 @@ import os
 from typing import Any
 
 import jax
-import ml_collections as mlc
 from jax.sharding import Mesh
 
 from dice_jax.chat_templates import apply_chat_template
 from dice_jax.checkpoints import load_model, resolve_source
 from dice_jax.checkpoints.orbax_io import read_checkpoint_config
+from dice_jax.config import RunConfig
 from dice_jax.errors import DiceError
 from dice_jax.models.config import ModelConfig
 from dice_jax.run.folder import RunFolder
@@ -37,7 +37,7 @@ POLICY_DIR = "policy"
 class RoundModels:
     """Loads, places and caches the policy / reference weights of every round."""
 
-    def __init__(self, config: mlc.ConfigDict, folder: RunFolder, mesh: Mesh,
+    def __init__(self, config: RunConfig, folder: RunFolder, mesh: Mesh,
                  capacity: int = 2) -> None:
         self.config, self.folder, self.mesh = config, folder, mesh
         self.capacity = capacity

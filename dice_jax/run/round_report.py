@@ -6,7 +6,6 @@ artifacts the round's stages left; it reads files only, so it can be redrawn any
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -15,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from dice_jax.fileio import read_json
 from dice_jax.run.metrics import read_metrics
 
 CURVES = (("loss", "DPO loss"), ("rewards/accuracies", "reward accuracy"),
@@ -22,10 +22,7 @@ CURVES = (("loss", "DPO loss"), ("rewards/accuracies", "reward accuracy"),
 
 
 def _json(path: str) -> dict[str, Any] | None:
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path) if os.path.isfile(path) else None
 
 
 def plot_training_curves(records: list[dict[str, Any]], title: str, path: str) -> None:

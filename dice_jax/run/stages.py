@@ -5,7 +5,8 @@
     judge   (llm_judge baseline) the policy rates each sample   judgements.jsonl, scores.npz
     data    rewards, filters, alpha*, D(alpha*), replay -> D_t   pairs/mixed JSONL, stats, plots
     train   DPO on D_t from pi_theta(t-1), reference pi_theta(t-1)   policy/, metrics, TB
-    eval    the verifiable judge on held-out prompts            metrics.json, model_outputs.json
+    eval    the verifiable judge on held-out prompts            metrics.json, model_outputs.json,
+                                                                responses.jsonl
 
 The run loop (`dice_jax.run.loop`) decides which stages a round has and with which weights;
 a stage reads only its inputs and writes only its folder. Math lives in the pure functions
@@ -14,27 +15,26 @@ these call (`dice_jax.dice`, `dice_jax.training`).
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import shutil
 import time
 from collections import Counter
 from typing import Any
 
-import ml_collections as mlc
 import numpy as np
 from jax.sharding import Mesh
 
 from dice_jax.checkpoints.orbax_io import is_checkpoint, save_checkpoint
-from dice_jax.data import split_holdout
-from dice_jax.dice.alpha_search import AlphaSearchConfig
-from dice_jax.dice.artifacts import MIXED_FILE, read_jsonl, write_jsonl, write_round_files
+from dice_jax.config import RunConfig
+from dice_jax.data import load_eval_prompts, prompt_text, split_holdout
+from dice_jax.dice.artifacts import MIXED_FILE, write_round_files
 from dice_jax.dice.builder import DiceDataConfig, ScoredSamples, build_round_data
-from dice_jax.dice.filters import FilterConfig
 from dice_jax.dice.llm_judge import judge_prompt, judge_scores
-from dice_jax.dice.scoring import score_samples
+from dice_jax.dice.scoring import score_samples, scored_samples
 from dice_jax.errors import DiceError
-from dice_jax.fileio import write_json
+from dice_jax.evaluation import MODES, EvalConfig, evaluate_policy
+from dice_jax.fileio import atomic_file, read_json, read_jsonl, write_json, write_jsonl
 from dice_jax.models.config import ModelConfig
 from dice_jax.run.faults import kill_point
 from dice_jax.run.metrics import MetricsWriter
@@ -44,46 +44,16 @@ from dice_jax.training import DPOTrainer, TrainConfig, tokenize_pairs
 from dice_jax.training.data import PairArrays
 
 SCORES_FILE = "scores.npz"
-LOSS_NAMES = {"kto": "kto_pair"}  # run config name -> dice_jax.training name
 
 
 # ---------------------------------------------------------------------- settings
-def sampling_config(config: mlc.ConfigDict, seed: int, **changes: Any) -> SamplingConfig:
-    """The run config's `sampling` section as a SamplingConfig."""
-    s = config.sampling
-    settings = dict(num_samples=s.num_samples, max_new_tokens=s.max_new_tokens,
-                    temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=seed,
-                    max_prompt_tokens=s.max_prompt_tokens, truncate_prompts=s.truncate_prompts,
-                    cache_budget_bytes=int(s.cache_budget_gb * 2**30))
-    settings.update(changes)
-    return SamplingConfig(**settings)
-
-
-def train_config(config: mlc.ConfigDict, seed: int) -> TrainConfig:
-    """The run config's `train` section (and mesh) as a TrainConfig."""
-    t = config.train
-    return TrainConfig(
-        beta=t.beta, loss_type=LOSS_NAMES.get(t.loss_type, t.loss_type),
-        label_smoothing=t.label_smoothing, learning_rate=t.learning_rate,
-        warmup_steps=t.warmup_steps, max_steps=t.max_steps, batch_size=t.batch_size,
-        grad_accum=t.grad_accum, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
-        max_length=t.max_length, max_prompt_length=t.max_prompt_length,
-        eval_every=t.eval_every, save_every=t.save_every, seed=seed,
-        shared_prompt=bool(t.get("shared_prompt", True)),
-        mesh=tuple((axis, int(config.mesh[axis])) for axis in ("data", "fsdp", "tensor")))
-
-
-def dice_data_config(config: mlc.ConfigDict, seed: int) -> DiceDataConfig:
-    d = config.dice
-    f, s = d.filters, d.search
-    return DiceDataConfig(
-        beta=d.beta, reward_scale=d.reward_scale, length_unit=d.length_unit, gamma=d.gamma,
-        seed=seed,
-        filters=FilterConfig(drop_truncated=f.drop_truncated, min_chars=f.min_chars,
-                             max_chars=f.max_chars, min_valid=f.min_valid),
-        search=AlphaSearchConfig(method=s.method, objective=s.objective,
-                                 alpha_min=s.alpha_min, alpha_max=s.alpha_max,
-                                 grid_step=s.grid_step, num_trials=s.num_trials, seed=seed))
+def round_settings(config: RunConfig, seed: int, progress: bool = True
+                   ) -> tuple[SamplingConfig, DiceDataConfig, TrainConfig]:
+    """The run config's sections with the values the run sets itself: the round's seed
+    everywhere, the progress switch, and the paper's one beta (`train.beta`) in Eq. 4."""
+    return (dataclasses.replace(config.sampling, seed=seed, progress=progress),
+            dataclasses.replace(config.dice, beta=config.train.beta, seed=seed),
+            dataclasses.replace(config.train, seed=seed))
 
 
 def unique_prompts(rows: list[dict[str, Any]]) -> list[str]:
@@ -128,10 +98,9 @@ def score_stage(folder: str, stage: str, sample_folder: str, model_config: Model
 
 def write_scores(folder: str, scored: ScoredSamples, **extra: np.ndarray) -> None:
     path = os.path.join(folder, SCORES_FILE)
-    with open(path + ".tmp", "wb") as f:
+    with atomic_file(path, "wb") as f:
         np.savez(f, logp_policy=scored.logp_policy, logp_reference=scored.logp_reference,
                  token_counts=scored.token_counts, **extra)
-    os.replace(path + ".tmp", path)
 
 
 def read_scored(sample_folder: str, score_folder: str) -> tuple[ScoredSamples, dict]:
@@ -142,33 +111,25 @@ def read_scored(sample_folder: str, score_folder: str) -> tuple[ScoredSamples, d
         raise DiceError(f"{path}: missing; delete {score_folder} and run again")
     with np.load(path) as f:
         arrays = {k: f[k] for k in f.files}
-    scored = ScoredSamples(
-        prompts=[_prompt_text(p) for p in samples.prompts], responses=samples.texts,
-        token_counts=arrays.pop("token_counts"), finish_reasons=samples.finish_reasons,
-        logp_policy=arrays.pop("logp_policy"), logp_reference=arrays.pop("logp_reference"))
+    scored = scored_samples(samples, arrays.pop("logp_policy"), arrays.pop("logp_reference"),
+                            arrays.pop("token_counts"))
     return scored, arrays
 
 
-def _prompt_text(prompt: Any) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    return next(m["content"] for m in prompt if m.get("role") == "user")
-
-
 def judge_stage(folder: str, stage: str, sample_folder: str, params: Any,
-                model_config: ModelConfig, tokenizer: Any, mesh: Mesh, seed: int,
-                max_new_tokens: int, cache_budget_gb: float) -> dict[str, Any]:
+                model_config: ModelConfig, tokenizer: Any, mesh: Mesh,
+                sampling: SamplingConfig, max_new_tokens: int) -> dict[str, Any]:
     """The LLM-as-a-judge baseline: the policy rates each of its samples (paper App. A),
     greedily; unparseable ratings become NaN and are dropped (counted) by the data stage."""
     samples = load_samples(sample_folder)
-    prompts = [_prompt_text(p) for p in samples.prompts]
+    prompts = [prompt_text(p) for p in samples.prompts]
     queries = [judge_prompt(prompts[i], text) for i, row in enumerate(samples.texts)
                for text in row]
     k = len(samples.texts[0])
-    sampling = SamplingConfig(num_samples=1, max_new_tokens=max_new_tokens, temperature=0.0,
-                              seed=seed, max_prompt_tokens=8192, truncate_prompts=True,
-                              cache_budget_bytes=int(cache_budget_gb * 2**30))
-    result = Sampler(params, model_config, tokenizer, mesh).sample(queries, sampling)
+    rating = dataclasses.replace(sampling, num_samples=1, max_new_tokens=max_new_tokens,
+                                 temperature=0.0, top_p=1.0, top_k=0, max_prompt_tokens=8192,
+                                 truncate_prompts=True)
+    result = Sampler(params, model_config, tokenizer, mesh).sample(queries, rating)
     texts = [s[0].text for s in result.samples]
     judgements = [[[texts[i * k + j]] for j in range(k)] for i in range(len(prompts))]
     scores, drops = judge_scores(judgements)
@@ -177,19 +138,29 @@ def judge_stage(folder: str, stage: str, sample_folder: str, params: Any,
                   "score": None if np.isnan(scores[i, j]) else float(scores[i, j])}
                  for i in range(len(prompts)) for j in range(k)])
     path = os.path.join(folder, SCORES_FILE)
-    with open(path + ".tmp", "wb") as f:
+    with atomic_file(path, "wb") as f:
         np.savez(f, judge_scores=scores)
-    os.replace(path + ".tmp", path)
     write_json(os.path.join(folder, "drops.json"), dict(drops))
     kill_point(f"{stage}:written")
     return {"responses": len(queries), "unparseable": int(np.isnan(scores).sum())}
 
 
+def eval_stage(folder: str, params: Any, model_config: ModelConfig, tokenizer: Any,
+               evaluation: EvalConfig, sampling: SamplingConfig, mesh: Mesh,
+               generator_name: str) -> dict[str, Any]:
+    """The verifiable judge on held-out prompts (`dice_jax.evaluation`); the manifest keeps
+    each mode's metrics."""
+    rows = load_eval_prompts(evaluation.prompts, evaluation.num_prompts, evaluation.seed)
+    metrics = evaluate_policy(params, model_config, tokenizer, rows, folder,
+                              evaluation=evaluation, sampling=sampling, mesh=mesh,
+                              generator_name=generator_name, dataset_name=evaluation.prompts)
+    return {mode: metrics[mode] for mode in MODES if metrics.get(mode)}
+
+
 def read_judge_scores(judge_folder: str) -> tuple[np.ndarray, dict[str, int]]:
     with np.load(os.path.join(judge_folder, SCORES_FILE)) as f:
         scores = f["judge_scores"]
-    with open(os.path.join(judge_folder, "drops.json")) as f:
-        return scores, json.load(f)
+    return scores, read_json(os.path.join(judge_folder, "drops.json"))
 
 
 def data_stage(folder: str, scored: ScoredSamples, offline: list[dict[str, Any]],

@@ -7,8 +7,6 @@ cache memory budget, runs the jitted `prefill` / `decode` programs of
 and bookkeeping is here; the math is in `generate` and `distributions`.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import logging
 import math
@@ -28,44 +26,55 @@ from dice_jax.models.decoder import cache_bytes
 from dice_jax.progress import bar_disabled
 from dice_jax.sampling.distributions import Distribution
 from dice_jax.sampling.generate import SAMPLING_RULES, Program, chunk_size, decode, prefill
+from dice_jax.settings import check_settings, section, setting
 from dice_jax.sharding import logical_to_spec, param_shardings
 
 log = logging.getLogger("dice_jax.sampling")
 Prompt = str | Sequence[dict] | Sequence[int]
 
 
-@dataclasses.dataclass(frozen=True)
+@section
 class SamplingConfig:
-    """Settings of one sampling run.
+    """Settings of one sampling run (the run config's `sampling` section).
 
     `temperature=0` is greedy; `top_k=0` and `top_p=1` are off. `stop_token_ids=None` uses
     the model's eos ids plus the tokenizer's eos. Prompts longer than `max_prompt_tokens`
     raise a ValueError naming the prompt, or with `truncate_prompts` keep their last
-    `max_prompt_tokens` tokens (counted and logged). `cache_budget_bytes` bounds the KV cache
+    `max_prompt_tokens` tokens (counted and logged). `cache_budget_gb` bounds the KV cache
     of one batch (prompt cache + generated cache); `cache_dtype=None` is the model's compute
     dtype. Prompt lengths are padded to powers of two, at least `min_bucket`.
     """
 
-    num_samples: int = 1
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
-    stop_token_ids: tuple[int, ...] | None = None
-    max_prompt_tokens: int = 1024
-    truncate_prompts: bool = False
-    cache_budget_bytes: int = 2 << 30
-    cache_dtype: str | None = None
-    min_bucket: int = 16
-    max_batch_prompts: int | None = None
-    progress: bool = True
+    num_samples: int = setting(1, "K: responses per prompt", min=1)
+    max_new_tokens: int = setting(256, "tokens generated per response at most", min=1)
+    temperature: float = setting(1.0, "softmax temperature (0: greedy)", min=0)
+    top_p: float = setting(1.0, "nucleus sampling mass (1: off)", above=0, max=1)
+    top_k: int = setting(0, "keep the k most likely tokens (0: off)", min=0)
+    seed: int = setting(0, "sampling seed", managed="config.seed (each round derives its "
+                        "own) or eval.seed")
+    stop_token_ids: tuple[int, ...] | None = setting(None, "stop tokens (None: the model's "
+                                                     "and the tokenizer's eos)")
+    max_prompt_tokens: int = setting(1024, "prompt tokens at most (after the chat template)",
+                                     min=1)
+    truncate_prompts: bool = setting(False, "keep a long prompt's last max_prompt_tokens "
+                                     "(else: an error naming the prompt)")
+    cache_budget_gb: float = setting(2.0, "KV-cache memory of one batch, GiB", above=0)
+    cache_dtype: str | None = setting(None, "KV-cache dtype (None: the compute dtype)",
+                                      choices=("float32", "bfloat16"))
+    min_bucket: int = setting(16, "smallest padded prompt length", min=1)
+    max_batch_prompts: int | None = setting(None, "prompts per batch at most (None: as "
+                                            "many as the cache budget allows)", min=1)
+    progress: bool = setting(True, "progress bar", managed="--quiet")
 
     def __post_init__(self) -> None:
-        for name in ("num_samples", "max_new_tokens", "max_prompt_tokens", "min_bucket"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        _ = self.distribution  # validates temperature / top-k / top-p
+        check_settings(self, "sampling.")
+
+    def check(self) -> None:
+        _ = self.distribution  # validates temperature / top-k / top-p together
+
+    @property
+    def cache_budget_bytes(self) -> int:
+        return int(self.cache_budget_gb * 2**30)
 
     @property
     def distribution(self) -> Distribution:
@@ -203,7 +212,8 @@ class Sampler:
                                     sampling.cache_dtype))
         fit = sampling.cache_budget_bytes // per_prompt
         if fit < 1:
-            raise ValueError(f"cache_budget_bytes={sampling.cache_budget_bytes} is below one "
+            raise ValueError(f"cache_budget_gb={sampling.cache_budget_gb} "
+                             f"({sampling.cache_budget_bytes} bytes) is below one "
                              f"prompt's KV cache ({per_prompt} bytes at prompt length "
                              f"{bucket}, {sampling.num_samples} samples, "
                              f"{sampling.max_new_tokens} new tokens)")

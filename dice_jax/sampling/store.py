@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from dice_jax.errors import DiceError
-from dice_jax.fileio import write_json
+from dice_jax.fileio import atomic_file, read_json, read_jsonl, write_json, write_jsonl
 from dice_jax.sampling.sampler import SamplingResult
 
 SAMPLES_JSONL = "samples.jsonl"
@@ -179,23 +179,14 @@ def save_samples(folder: str, prompts: Sequence[Any], result: SamplingResult | S
                                    sample_set.prompt_token_ids], np.int32),
         "prompt_offsets": _offsets([len(t) for t in sample_set.prompt_token_ids]),
     }
-    npz_path = os.path.join(folder, SAMPLES_NPZ)
-    tmp = f"{npz_path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_file(os.path.join(folder, SAMPLES_NPZ), "wb") as f:
         np.savez(f, **arrays)
-    os.replace(tmp, npz_path)
-    jsonl_path = os.path.join(folder, SAMPLES_JSONL)
-    tmp = f"{jsonl_path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for i in range(p):
-            for j in range(k):
-                row = {"prompt_index": i, "sample_index": j, "prompt": sample_set.prompts[i],
-                       "response": sample_set.texts[i][j],
-                       "finish_reason": sample_set.finish_reasons[i][j],
-                       "num_tokens": len(sample_set.token_ids[i][j]),
-                       "sum_logprob": float(np.sum(sample_set.logprobs[i][j], dtype=np.float64))}
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, jsonl_path)
+    write_jsonl(os.path.join(folder, SAMPLES_JSONL), (
+        {"prompt_index": i, "sample_index": j, "prompt": sample_set.prompts[i],
+         "response": sample_set.texts[i][j], "finish_reason": sample_set.finish_reasons[i][j],
+         "num_tokens": len(sample_set.token_ids[i][j]),
+         "sum_logprob": float(np.sum(sample_set.logprobs[i][j], dtype=np.float64))}
+        for i in range(p) for j in range(k)))
     write_json(os.path.join(folder, SAMPLES_META), {
         "format_version": FORMAT_VERSION, "num_prompts": p, "num_samples": k,
         "num_response_tokens": int(arrays["token_ids"].size),
@@ -206,13 +197,9 @@ def save_samples(folder: str, prompts: Sequence[Any], result: SamplingResult | S
 
 def _read_meta(folder: str) -> dict[str, Any]:
     path = os.path.join(folder, SAMPLES_META)
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except FileNotFoundError:
-        raise DiceError(f"{path}: missing; the sampling stage did not finish") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DiceError(f"{path}: corrupt or truncated JSON ({e})") from None
+    if not os.path.isfile(path):
+        raise DiceError(f"{path}: missing; the sampling stage did not finish")
+    meta = read_json(path)
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         raise DiceError(f"{path}: not a samples file of format version {FORMAT_VERSION}")
     for key in ("num_prompts", "num_samples", "num_response_tokens", "num_prompt_tokens"):
@@ -258,21 +245,9 @@ def _read_npz(folder: str, meta: dict[str, Any]) -> dict[str, np.ndarray]:
 
 def _read_rows(folder: str, p: int, k: int) -> list[dict[str, Any]]:
     path = os.path.join(folder, SAMPLES_JSONL)
-    rows = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DiceError(f"{path}: line {number} is corrupt or truncated JSON "
-                                    f"({e})") from None
-    except FileNotFoundError:
-        raise DiceError(f"{path}: missing; the sampling stage did not finish") from None
-    except UnicodeDecodeError as e:
-        raise DiceError(f"{path}: not UTF-8 text ({e})") from None
+    if not os.path.isfile(path):
+        raise DiceError(f"{path}: missing; the sampling stage did not finish")
+    rows = read_jsonl(path)
     if len(rows) != p * k:
         raise DiceError(f"{path}: {len(rows)} rows, expected {p} prompts x {k} samples = "
                         f"{p * k} (truncated?)")

@@ -8,9 +8,10 @@
                          workdir, held_out)
     history = trainer.train()          # resumes from workdir/checkpoints when present
 
-Modules: `losses` (pure loss functions), `logprobs` (chunked response log-probs), `data`
-(tokenise, truncate, drop-and-count), `state` (optimizer, TrainState, shardings), `step`
-(jitted train / eval steps), `memory` (per-device memory plan + CLI), `loop` (trainer).
+Modules: `losses` (pure loss functions), `logprobs` (chunked response log-probs), `scoring`
+(batched, sharded, packed log-probs of many (prompt, response) sequences), `data` (tokenise,
+truncate, drop-and-count), `state` (optimizer, TrainState, shardings), `step` (jitted train
+/ eval steps), `memory` (per-device memory plan + CLI), `loop` (trainer).
 """
 
 from dice_jax.training.config import TrainConfig

@@ -1,85 +1,87 @@
-"""Training configuration: one frozen dataclass, defaults from the DICE paper's DPO rounds."""
-
-from __future__ import annotations
+"""Training configuration: one settings dataclass, defaults from the DICE paper's DPO rounds."""
 
 import dataclasses
 from typing import Any
 
-from dice_jax.training.losses import LOSS_TYPES
+from dice_jax.errors import ConfigError
+from dice_jax.settings import check_settings, section, setting
+from dice_jax.training.losses import LOSS_ALIASES, LOSS_TYPES, canonical_loss_type
 
 TRUNCATION_MODES = ("keep_end", "keep_start")
 
 
-@dataclasses.dataclass(frozen=True)
+@section
 class TrainConfig:
-    """DPO training settings.
+    """DPO training settings (the run config's `train` section).
 
     Batch sizes count PAIRS. `batch_size` is the global batch of one optimizer step; it is
     split into `grad_accum` micro-batches of `batch_size // grad_accum` pairs each, and the
-    micro-batch is split over the mesh's `data` x `fsdp` devices.
+    micro-batch is split over the mesh's `data` x `fsdp` devices. Fields marked `step=True`
+    are the ones the compiled train / eval / log-prob programs read (their cache key).
     Paper defaults: beta 0.1, lr 5e-7 constant, AdamW with weight decay 0, clip 1.0,
     global batch 32, max length 4096, 300 steps per round, eval every 20 steps.
     """
 
-    beta: float = 0.1
-    loss_type: str = "sigmoid"          # sigmoid | ipo | hinge | kto_pair
-    label_smoothing: float = 0.0        # cDPO eps, sigmoid loss only
-    learning_rate: float = 5e-7
-    warmup_steps: int = 0               # linear warm-up from 0, then constant
-    max_steps: int = 300
-    batch_size: int = 32
-    grad_accum: int = 1
-    eval_batch_size: int | None = None  # default: the micro-batch size
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    adam_eps: float = 1e-8
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_length: int = 4096              # prompt + response, tokens
-    max_prompt_length: int = 2048
-    truncation_mode: str = "keep_end"   # keep_end: drop the prompt's START (TRL default)
-    pad_to_multiple: int = 64           # sequences padded to a multiple (fewer shapes)
-    logits_chunk: int = 64              # scored positions per vocabulary-projection chunk
-    shared_prompt: bool = True          # run each pair's prompt once (training.logprobs)
-    eval_every: int = 20                # 0: never
-    save_every: int = 50                # 0: only at the end
-    keep_checkpoints: int = 2
-    seed: int = 0                       # data order
-    mesh: tuple[tuple[str, int], ...] = (("data", 1), ("fsdp", -1), ("tensor", 1))
+    beta: float = setting(0.1, "the paper's beta: DPO loss (Eq. 3) and implicit reward "
+                          "(Eq. 4)", above=0, step=True)
+    loss_type: str = setting("sigmoid", "sigmoid (DPO) | ipo | hinge | kto_pair ('kto' is "
+                             "read as kto_pair)", choices=(*LOSS_TYPES, *LOSS_ALIASES), step=True)
+    label_smoothing: float = setting(0.0, "cDPO eps, sigmoid loss only", min=0, below=0.5,
+                                     step=True)
+    learning_rate: float = setting(5e-7, "AdamW learning rate (constant after warm-up)",
+                                   above=0, step=True)
+    warmup_steps: int = setting(0, "linear warm-up steps from 0 (the official constant "
+                                "scheduler has none)", min=0, step=True)
+    max_steps: int = setting(300, "optimizer steps per round", min=1)
+    batch_size: int = setting(32, "pairs per optimizer step (global)", min=1, step=True)
+    grad_accum: int = setting(1, "micro-batches per step; must divide batch_size", min=1,
+                              step=True)
+    eval_batch_size: int | None = setting(None, "pairs per evaluation batch (None: the "
+                                          "micro-batch size)", min=1)
+    adam_b1: float = setting(0.9, "AdamW beta1", min=0, below=1, step=True)
+    adam_b2: float = setting(0.999, "AdamW beta2", min=0, below=1, step=True)
+    adam_eps: float = setting(1e-8, "AdamW epsilon", above=0, step=True)
+    weight_decay: float = setting(0.0, "AdamW decoupled weight decay", min=0, step=True)
+    max_grad_norm: float = setting(1.0, "global gradient-norm clip", above=0, step=True)
+    max_length: int = setting(4096, "prompt + response tokens per sequence", min=2)
+    max_prompt_length: int = setting(2048, "prompt tokens kept (< max_length)", min=1)
+    truncation_mode: str = setting("keep_end", "keep_end drops a long prompt's start (TRL "
+                                   "default); keep_start its end", choices=TRUNCATION_MODES)
+    pad_to_multiple: int = setting(64, "sequences padded to a multiple (fewer shapes)",
+                                   min=1)
+    logits_chunk: int = setting(64, "scored positions per vocabulary-projection chunk",
+                                min=1, step=True)
+    shared_prompt: bool = setting(True, "run each pair's prompt through the model once, its "
+                                  "KV cache shared by chosen and rejected")
+    eval_every: int = setting(20, "held-out evaluation every N steps (0: never)", min=0)
+    save_every: int = setting(50, "checkpoint every N steps (0: only at the end)", min=0)
+    keep_checkpoints: int = setting(2, "checkpoints kept while training", min=1)
+    seed: int = setting(0, "data order", managed="config.seed (each round derives its own)")
 
     def __post_init__(self) -> None:
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type={self.loss_type!r}; known: {LOSS_TYPES}")
-        if self.truncation_mode not in TRUNCATION_MODES:
-            raise ValueError(f"truncation_mode={self.truncation_mode!r}; "
-                             f"known: {TRUNCATION_MODES}")
-        if self.beta <= 0:
-            raise ValueError(f"beta={self.beta} must be > 0")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing={self.label_smoothing} must be in [0, 0.5)")
-        if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
-            raise ValueError(f"batch_size={self.batch_size} must be a positive multiple of "
-                             f"grad_accum={self.grad_accum}")
+        check_settings(self, "train.")
+
+    def check(self) -> None:
+        """Cross-field checks (single-field ranges are declared on the fields)."""
+        self.loss_type = canonical_loss_type(self.loss_type)
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"config.train.grad_accum: batch_size={self.batch_size} is not "
+                              f"divisible by grad_accum={self.grad_accum}")
         if self.max_prompt_length >= self.max_length:
-            raise ValueError(f"max_prompt_length={self.max_prompt_length} must be below "
-                             f"max_length={self.max_length}")
-        if min(self.max_steps, self.logits_chunk, self.pad_to_multiple) < 1:
-            raise ValueError("max_steps, logits_chunk and pad_to_multiple must be >= 1")
-        if min(self.warmup_steps, self.eval_every, self.save_every) < 0:
-            raise ValueError("warmup_steps, eval_every and save_every must be >= 0")
+            raise ConfigError(f"config.train.max_prompt_length: {self.max_prompt_length} "
+                              f"must be below max_length={self.max_length}")
 
     @property
     def micro_batch_size(self) -> int:
         return self.batch_size // self.grad_accum
 
-    @property
-    def mesh_axes(self) -> dict[str, int]:
-        return dict(self.mesh)
+    def step_key(self) -> tuple[tuple[str, Any], ...]:
+        """The values of the fields the compiled steps read (`step=True`)."""
+        return tuple((f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
+                     if f.metadata.get("step"))
 
-    def replace(self, **changes: Any) -> TrainConfig:
+    def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["mesh"] = dict(self.mesh)
-        return d
+        return dataclasses.asdict(self)

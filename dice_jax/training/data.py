@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from dice_jax.errors import DiceError
+from dice_jax.fileio import read_json_rows
 
 COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -253,18 +252,9 @@ def tokenize_pairs(rows: Iterable[Mapping[str, Any]], tokenizer: Any, *, max_len
 
 
 def read_rows(path: str) -> list[dict[str, Any]]:
-    """Rows from a `.jsonl` (one object a line) or `.json` (a list of objects) file."""
-    if not os.path.isfile(path):
-        raise DiceError(f"{path}: file not found")
-    try:
-        with open(path) as f:
-            if path.endswith(".jsonl"):
-                rows = [json.loads(line) for line in f if line.strip()]
-            else:
-                rows = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DiceError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+    """Rows from a JSON Lines (one object a line) or JSON (a list of objects) file."""
+    rows = read_json_rows(path)
+    if not all(isinstance(r, dict) for r in rows):
         raise DiceError(f"{path}: expected a list of JSON objects")
     return rows
 

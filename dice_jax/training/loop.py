@@ -30,19 +30,24 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from dice_jax.errors import DiceError
+from dice_jax.fileio import append_jsonl, atomic_file
 from dice_jax.models.config import ModelConfig
 from dice_jax.progress import bar_disabled
-from dice_jax.sharding import DEFAULT_RULES, Rules, make_mesh
+from dice_jax.sharding import (
+    DEFAULT_RULES,
+    Rules,
+    batch_sharding,
+    make_mesh,
+    put_process_local,
+)
 from dice_jax.training.config import TrainConfig
 from dice_jax.training.data import PairArrays, PairSampler
 from dice_jax.training.memory import memory_plan
 from dice_jax.training.state import (
     TrainState,
     abstract_train_state,
-    batch_sharding,
     init_train_state,
     make_optimizer,
-    put_process_local,
     train_state_shardings,
 )
 from dice_jax.training.step import make_eval_step, make_logps_step, make_train_step
@@ -52,18 +57,14 @@ def compiled_steps(model_config: ModelConfig, cfg: TrainConfig, mesh: Mesh,
                    rules: Rules) -> tuple[Any, TrainState, Any, Any, Any]:
     """`(optimizer, state shardings, train step, eval step, log-prob step)`, memoised so
     trainers with the same step settings and mesh (restarts, DICE rounds) share
-    compilations. Settings the steps do not read (steps, seed, saving, ...) are not keys."""
-    base = TrainConfig()
-    loop_only = ("max_steps", "eval_every", "save_every", "keep_checkpoints", "seed",
-                 "max_length", "max_prompt_length", "truncation_mode", "pad_to_multiple",
-                 "eval_batch_size", "mesh", "shared_prompt")
-    return _compiled_steps(model_config, cfg.replace(**{k: getattr(base, k)
-                                                        for k in loop_only}), mesh, rules)
+    compilations: the key is the fields the steps read (`TrainConfig.step_key`)."""
+    return _compiled_steps(model_config, cfg.step_key(), mesh, rules)
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_steps(model_config: ModelConfig, cfg: TrainConfig, mesh: Mesh,
+def _compiled_steps(model_config: ModelConfig, step_key: tuple, mesh: Mesh,
                     rules: Rules) -> tuple[Any, TrainState, Any, Any, Any]:
+    cfg = TrainConfig(**dict(step_key))
     optimizer = make_optimizer(cfg)
     shardings = train_state_shardings(model_config, optimizer, mesh, rules)
     return (optimizer, shardings,
@@ -127,10 +128,8 @@ def load_or_compute_reference(cache_dir: str, split: str, data: PairArrays, iden
             return logps, False
     logps = compute()
     os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_file(path, "wb") as f:
         np.savez(f, logps=logps, identity=np.asarray(identity))
-    os.replace(tmp, path)
     return logps, True
 
 
@@ -154,7 +153,7 @@ class DPOTrainer:
         self.reference_cache_dir = reference_cache_dir or os.path.join(self.workdir,
                                                                        "ref_logps")
         self.log = log or (lambda msg: tqdm.write(msg))
-        self.mesh = mesh or make_mesh(cfg.mesh_axes)
+        self.mesh = mesh or make_mesh()
         (self.optimizer, self.shardings, self._train_step, self._eval_step,
          self._logps_step) = compiled_steps(model_config, cfg, self.mesh, tuple(rules))
         self.sampler = PairSampler(len(train_data), cfg.batch_size, cfg.seed)
@@ -277,8 +276,7 @@ class DPOTrainer:
         return {f"eval/{k}": v / len(self.eval_data) for k, v in sums.items()}
 
     def _write_metrics(self, record: dict[str, Any]) -> None:
-        with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+        append_jsonl(os.path.join(self.workdir, "metrics.jsonl"), record)
 
     def train(self, until_step: int | None = None,
               on_step: Callable[[dict[str, float]], None] | None = None

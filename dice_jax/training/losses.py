@@ -13,6 +13,12 @@ import jax.numpy as jnp
 Array = jax.Array
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "kto_pair")
+LOSS_ALIASES = {"kto": "kto_pair"}  # the paper's Table 3 name
+
+
+def canonical_loss_type(name: str) -> str:
+    """A loss name or alias as one of LOSS_TYPES (unknown names are returned unchanged)."""
+    return LOSS_ALIASES.get(name, name)
 
 
 def sigmoid_loss(chosen_logratios: Array, rejected_logratios: Array, beta: float,

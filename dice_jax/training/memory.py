@@ -14,7 +14,6 @@ the batch, length and remat policy (`ModelConfig.remat`).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import sys
@@ -26,6 +25,7 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from dice_jax.errors import ConfigError
 from dice_jax.models.config import ModelConfig
 from dice_jax.models.presets import PRESETS, preset
 from dice_jax.sharding import DEFAULT_RULES, MESH_AXES, Rules, abstract_params, logical_to_spec
@@ -142,31 +142,46 @@ def parse_mesh(text: str) -> dict[str, int]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, size = part.partition("=")
         if name not in MESH_AXES or not size.lstrip("-").isdigit():
-            raise argparse.ArgumentTypeError(f"bad mesh entry {part!r}; use e.g. fsdp=8 "
-                                             f"with axes {MESH_AXES}")
+            raise ConfigError(f"--mesh: bad mesh entry {part!r}; use e.g. fsdp=8 with "
+                              f"axes {MESH_AXES}")
         axes[name] = int(size)
     return axes
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dice_jax.training.memory",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
-    parser.add_argument("--mesh", type=parse_mesh, default={"fsdp": -1},
-                        help="axis sizes, e.g. fsdp=8 or data=2,fsdp=2,tensor=2")
-    parser.add_argument("--devices", type=int, default=None, help="fills a -1 axis")
-    parser.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--grad-accum", type=int, default=1)
-    args = parser.parse_args(argv)
-    config = preset(args.preset, param_dtype=args.param_dtype)
-    cfg = TrainConfig(grad_accum=args.grad_accum, batch_size=args.grad_accum)
+def _define(fv: Any) -> None:
+    from absl import flags
+
+    flags.DEFINE_enum("preset", None, sorted(PRESETS), "model shape", flag_values=fv)
+    flags.DEFINE_string("mesh", "fsdp=-1", "axis sizes, e.g. fsdp=8 or data=2,fsdp=2,tensor=2",
+                        flag_values=fv)
+    flags.DEFINE_integer("devices", None, "fills a -1 axis", flag_values=fv)
+    flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"],
+                      "master-weight dtype", flag_values=fv)
+    flags.DEFINE_integer("grad_accum", 1, "micro-batches per step", lower_bound=1,
+                         flag_values=fv)
+
+
+def _run(fv: Any, positional: list[str]) -> int:
+    if positional:
+        raise ConfigError(f"no positional arguments expected, got {positional}; see --help")
+    if fv.preset is None:
+        raise ConfigError(f"--preset is required, one of {sorted(PRESETS)}; see --help")
+    config = preset(fv.preset, param_dtype=fv.param_dtype)
+    cfg = TrainConfig(grad_accum=fv.grad_accum, batch_size=fv.grad_accum)
     try:
-        plan = memory_plan(config, args.mesh, cfg, num_devices=args.devices)
+        plan = memory_plan(config, parse_mesh(fv.mesh), cfg, num_devices=fv.devices)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(plan.format(args.preset))
+        raise ConfigError(str(e)) from None
+    print(plan.format(fv.preset))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m dice_jax.training.memory --preset NAME [--mesh fsdp=8] ...`."""
+    from dice_jax.cli import run_main
+
+    return run_main(_run, argv, "python -m dice_jax.training.memory",
+                    __doc__.split("\n\n")[0], _define)
 
 
 if __name__ == "__main__":

@@ -12,18 +12,11 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from dice_jax.models.config import ModelConfig
-from dice_jax.sharding import (
-    DEFAULT_RULES,
-    Rules,
-    logical_to_spec,
-    param_shapes,
-    param_shardings,
-)
+from dice_jax.sharding import DEFAULT_RULES, Rules, param_shapes, param_shardings, replicated
 from dice_jax.training.config import TrainConfig
 
 
@@ -53,10 +46,6 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
         optax.clip_by_global_norm(cfg.max_grad_norm),
         optax.adamw(learning_rate_schedule(cfg), b1=cfg.adam_b1, b2=cfg.adam_b2,
                     eps=cfg.adam_eps, weight_decay=cfg.weight_decay))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
 
 
 def opt_state_like_params(optimizer: optax.GradientTransformation, opt_state: Any,
@@ -94,29 +83,3 @@ def init_train_state(params: Any, optimizer: optax.GradientTransformation,
                                         opt_state=optimizer.init(p)), out_shardings=shardings)
     return init(params)
 
-
-def batch_sharding(mesh: Mesh, shape: tuple[int, ...], batch_axis: int,
-                   rules: Rules = DEFAULT_RULES) -> NamedSharding:
-    """Sharding of a host batch array: axis `batch_axis` over the rules' `batch` mesh axes
-    (replicated when they do not divide it), the other axes replicated."""
-    names: list[str | None] = [None] * len(shape)
-    names[batch_axis] = "batch"
-    return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
-
-
-def put_process_local(array: Any, sharding: NamedSharding, batch_axis: int) -> jax.Array:
-    """Places a GLOBAL host batch as a global jax.Array, handing JAX only this process's
-    slice along `batch_axis` (`jax.make_array_from_process_local_data`), so the same code
-    serves a multi-host job where each host loads its own rows. Assumes each process's
-    devices hold a contiguous range of the batch axis (true for meshes built by
-    `make_mesh`, whose batch axes run over processes first)."""
-    array = np.asarray(array)
-    index_map = sharding.addressable_devices_indices_map(array.shape)
-    starts, stops = [], []
-    for index in index_map.values():
-        sl = index[batch_axis]
-        starts.append(sl.start or 0)
-        stops.append(array.shape[batch_axis] if sl.stop is None else sl.stop)
-    lo, hi = min(starts), max(stops)
-    local = np.take(array, np.arange(lo, hi), axis=batch_axis)
-    return jax.make_array_from_process_local_data(sharding, local, array.shape)

@@ -13,21 +13,19 @@ before clipping.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
 from dice_jax.models.config import ModelConfig
-from dice_jax.sharding import DEFAULT_RULES, Rules
+from dice_jax.sharding import DEFAULT_RULES, MeshFunction, Rules, replicated
 from dice_jax.training.config import TrainConfig
 from dice_jax.training.logprobs import pair_logprobs
 from dice_jax.training.losses import dpo_loss, pair_logps
-from dice_jax.training.state import TrainState, learning_rate_schedule, replicated
+from dice_jax.training.state import TrainState, learning_rate_schedule
 
 Array = jax.Array
 Batch = dict[str, Array]
@@ -99,23 +97,6 @@ def train_step(state: TrainState, batch: Batch, *, model_config: ModelConfig,
                    learning_rate=jnp.asarray(learning_rate_schedule(cfg)(state.step),
                                              jnp.float32))
     return new, metrics
-
-
-class MeshFunction:
-    """A jitted function that is traced and run inside the mesh and the logical-axis rules
-    (so the decoder's activation constraints apply)."""
-
-    def __init__(self, fn: Callable, mesh: Mesh, rules: Rules, **jit_kwargs: Any) -> None:
-        self.mesh, self.rules = mesh, rules
-        self.jitted = jax.jit(fn, **jit_kwargs)
-
-    def __call__(self, *args: Any) -> Any:
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-            return self.jitted(*args)
-
-    def lower(self, *args: Any) -> Any:
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-            return self.jitted.lower(*args)
 
 
 def make_train_step(model_config: ModelConfig, cfg: TrainConfig,

@@ -1,4 +1,4 @@
-"""Run by test_train_sharded.py in a subprocess with 8 simulated CPU devices.
+"""Run by test_train_sharded.py through `helpers.run_on_cpu_devices` (8 simulated CPU devices).
 
 Trains the tiny model for a few steps on one device, on fsdp=8 and on data=2 x fsdp=2 x
 tensor=2, from the same initial parameters and data, and prints the per-step losses and

@@ -1,4 +1,4 @@
-"""Run by test_sampling_sharded.py in a subprocess with 8 simulated CPU devices.
+"""Run by test_sampling.py through `helpers.run_on_cpu_devices` (8 simulated CPU devices).
 
 Samples from a tiny HF folder on one device and on two 8-device meshes and prints, as JSON,
 each run's tokens and log-probs, plus the placement of a weight and of the batch.

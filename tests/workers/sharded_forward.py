@@ -1,4 +1,4 @@
-"""Run by test_sharding.py in a subprocess with 8 simulated CPU devices.
+"""Run by test_sharding.py through `helpers.run_on_cpu_devices` (8 simulated CPU devices).
 
 Imports an HF folder onto three meshes and prints the max |logits - logits_1device| per mesh
 and the parameter shardings' specs, as JSON.

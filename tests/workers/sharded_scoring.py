@@ -1,4 +1,4 @@
-"""Run by test_scoring.py in a subprocess with 8 simulated CPU devices.
+"""Run by test_scoring.py through `helpers.run_on_cpu_devices` (8 simulated CPU devices).
 
 Scores the same synthetic (prompt, response) rows of two tiny random models on one device,
 on fsdp=8 and on data=2 x fsdp=2 x tensor=2 (the reference with shared prompts, the policy
@@ -13,10 +13,10 @@ import jax
 import numpy as np
 
 from dice_jax.checkpoints.random_init import random_model
-from dice_jax.dice.scoring import data_parallel_size, score_samples
+from dice_jax.dice.scoring import score_samples
 from dice_jax.sampling.store import SampleSet
-from dice_jax.sharding import make_mesh, param_shardings
-from dice_jax.training.state import batch_sharding
+from dice_jax.sharding import batch_sharding, make_mesh, param_shardings
+from dice_jax.training.scoring import data_parallel_size
 
 
 def synthetic_set(vocab: int, p: int = 5, k: int = 3, seed: int = 0) -> SampleSet:

@@ -1,16 +1,16 @@
-"""One process of a 2-process JAX job on loopback (run by test_multiprocess.py).
+"""One process of a 2-process JAX job on loopback (run by test_multiprocess.py through
+`helpers.run_processes_on_cpu_devices`, 4 simulated CPU devices per process).
 
-argv: process_id port hf_folder batch.npz out.json. Imports the HF folder onto a global
-fsdp=8 mesh spanning both processes (4 CPU devices each), runs the forward pass, and writes
-its process's view of the logits' max deviation from the single-process reference.
+argv: process_id port hf_folder batch.npz. Imports the HF folder onto a global fsdp=8 mesh
+spanning both processes, runs the forward pass, and prints, as JSON, its process's view of
+the logits' max deviation from the single-process reference.
 """
 
 import json
 import os
 import sys
 
-process_id, port, folder, batch_path, out_path = sys.argv[1:6]
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+process_id, port, folder, batch_path = sys.argv[1:5]
 
 import jax  # noqa: E402
 
@@ -38,9 +38,9 @@ with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
         params, jnp.asarray(batch["ids"]), jnp.asarray(batch["mask"]))
     full = multihost_utils.process_allgather(logits, tiled=True)
 q = params["layers"]["attn"]["q_proj"]
-json.dump({"process": jax.process_index(), "devices": jax.device_count(),
-           "local_devices": jax.local_device_count(),
-           "fully_addressable": bool(q.is_fully_addressable),
-           "max_abs_diff": float(np.max(np.abs(np.asarray(full) - batch["reference"])))},
-          open(out_path, "w"))
+result = {"process": jax.process_index(), "devices": jax.device_count(),
+          "local_devices": jax.local_device_count(),
+          "fully_addressable": bool(q.is_fully_addressable),
+          "max_abs_diff": float(np.max(np.abs(np.asarray(full) - batch["reference"])))}
 jax.distributed.shutdown()
+print(json.dumps(result), flush=True)
