@@ -81,22 +81,29 @@ class JaxSide:
 
 
 class TorchSide:
-    def __init__(self, data, cfg: TrainConfig, threads: int) -> None:
+    """TRL's concatenated-forward DPO step on a transformers model: the embedded SmolLM2 in
+    float32 on the CPU by default; `benchmarks/gpu.py` passes its own `model` (already on
+    `device`) and `autocast=torch.bfloat16` (bf16 compute, float32 master weights)."""
+
+    def __init__(self, data, cfg: TrainConfig, threads: int, model=None, device: str = "cpu",
+                 autocast=None) -> None:
         import torch
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(threads)
-        self.torch, self.beta = torch, cfg.beta
-        path = embedded_gguf_path("smollm2")
-        self.model = AutoModelForCausalLM.from_pretrained(
-            os.path.dirname(path), gguf_file=os.path.basename(path), dtype="float32")
+        self.torch, self.beta, self.device, self.autocast = torch, cfg.beta, device, autocast
+        if model is None:
+            path = embedded_gguf_path("smollm2")
+            model = AutoModelForCausalLM.from_pretrained(
+                os.path.dirname(path), gguf_file=os.path.basename(path), dtype="float32")
+        self.model = model
         self.model.train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate,
                                            betas=(cfg.adam_b1, cfg.adam_b2),
                                            eps=cfg.adam_eps, weight_decay=0.0)
         self.max_norm = cfg.max_grad_norm
         n = len(data)
-        flat = lambda a: torch.tensor(np.concatenate([a[:, 0], a[:, 1]]))  # noqa: E731
+        flat = lambda a: torch.tensor(np.concatenate([a[:, 0], a[:, 1]]), device=device)  # noqa: E731
         self.ids = flat(data.input_ids).long()
         self.mask = flat(data.attention_mask).long()
         self.loss_mask = flat(data.loss_mask)[:, 1:].float()
@@ -106,7 +113,9 @@ class TorchSide:
 
     def logps(self):
         torch = self.torch
-        logits = self.model(input_ids=self.ids, attention_mask=self.mask).logits.float()
+        with torch.autocast(self.device.split(":")[0], dtype=self.autocast,
+                            enabled=self.autocast is not None):
+            logits = self.model(input_ids=self.ids, attention_mask=self.mask).logits.float()
         logp = torch.gather(logits[:, :-1].log_softmax(-1), 2, self.ids[:, 1:, None])[..., 0]
         return (logp * self.loss_mask).sum(-1)
 

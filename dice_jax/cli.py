@@ -179,7 +179,8 @@ def run_main(body: Callable[[flags.FlagValues, list[str]], int | None],
              define: Callable[[flags.FlagValues], None] | None = None,
              run_config: bool = False) -> int:
     """Parses, runs `body(flags, positional)` and maps errors to exit codes: 0 done (or
-    help), 2 with one `error:` line on stderr for bad input (ConfigError, DiceError)."""
+    help), 2 with one `error:` line on stderr for bad input (ConfigError, DiceError), an
+    error's own `exit_code` with a `stopped:` line (SIGTERM: 143)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         fv, positional = parse_command_line(argv, prog, doc, define, run_config)
@@ -188,8 +189,9 @@ def run_main(body: Callable[[flags.FlagValues, list[str]], int | None],
         print(e)
         return 0
     except DiceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        code = getattr(e, "exit_code", 2)
+        print(f"{'error' if code == 2 else 'stopped'}: {e}", file=sys.stderr)
+        return code
     return 0 if code is None else int(code)
 
 

@@ -18,6 +18,17 @@ from typing import IO, Any
 
 from dice_jax.errors import CheckpointError, DiceError
 
+WRITE_LOG_ENV = "DICE_JAX_WRITE_LOG"  # a file: every write below is logged there (tests)
+
+
+def log_write(path: str) -> None:
+    """With `DICE_JAX_WRITE_LOG=FILE` set, appends `PROCESS_ID PATH` to FILE, so a test can
+    check which process wrote what (a multi-host run has one writer)."""
+    log = os.environ.get(WRITE_LOG_ENV)
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{os.environ.get('JAX_PROCESS_ID', '0')} {os.path.abspath(path)}\n")
+
 
 @contextlib.contextmanager
 def atomic_directory(destination: str) -> Iterator[str]:
@@ -35,6 +46,7 @@ def atomic_directory(destination: str) -> Iterator[str]:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result is an ordinary folder
+    log_write(destination)
     try:
         yield tmp
         os.rename(tmp, destination)
@@ -55,6 +67,7 @@ def atomic_file(path: str, mode: str = "w", *, overwrite: bool = True) -> Iterat
     if not overwrite and os.path.lexists(path):
         raise DiceError(f"{path}: already exists; refusing to overwrite")
     tmp = f"{path}.tmp-{os.getpid()}"
+    log_write(path)
     try:
         with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
@@ -96,6 +109,7 @@ def write_jsonl(path: str, rows: Iterable[Any], *, ensure_ascii: bool = False,
 def append_jsonl(path: str, row: Any) -> None:
     """Appends one JSON line (keys sorted) to a log such as `metrics.jsonl` (not atomic: a
     line torn by a kill is skipped by `read_jsonl(..., skip_invalid=True)`)."""
+    log_write(path)
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(row, sort_keys=True) + "\n")
 

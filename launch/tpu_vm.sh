@@ -4,9 +4,10 @@
 #   launch/tpu_vm.sh TPU_NAME ZONE configs/llama3.py [--config.KEY=VALUE ...]
 #
 # Needs the repository at ~/dice-jax on every worker, installed as the README says with
-# `pip install -e . "jax[tpu]"`. dice_jax.train calls jax.distributed.initialize() when
-# it detects a multi-host TPU slice, so all hosts form one mesh. config.run_dir must be a
-# path every host can write to consistently (e.g. a mounted bucket) for resume to work.
+# `pip install -e . "jax[tpu]"`. dice_jax.train joins the hosts of a multi-host TPU slice
+# into one job (JAX detects the slice), so all hosts form one mesh. config.run_dir must be
+# a folder every host sees (e.g. a mounted bucket): process 0 writes it, and the run stops
+# at start-up if another host cannot read back process 0's token file.
 set -euo pipefail
 tpu="${1:?usage: launch/tpu_vm.sh TPU_NAME ZONE CONFIG.py [overrides...]}"
 zone="${2:?zone}"

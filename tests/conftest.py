@@ -12,9 +12,9 @@ collect_ignore = ["workers"]
 # whole on one worker, in collection order, so starting the long ones first keeps one
 # worker from finishing alone with a long module at the end. A serial run only changes
 # order.
-LONGEST_FIRST = ("test_train_run.py", "test_train_sharded.py", "test_builtin_data.py",
-                 "test_sampling_smollm2.py", "test_sampling.py", "test_gguf.py",
-                 "test_scoring.py", "test_train_step.py", "test_evaluate.py")
+LONGEST_FIRST = ("test_multihost_run.py", "test_train_run.py", "test_train_sharded.py",
+                 "test_builtin_data.py", "test_sampling_smollm2.py", "test_sampling.py",
+                 "test_gguf.py", "test_scoring.py", "test_train_step.py", "test_evaluate.py")
 
 
 def pytest_collection_modifyitems(config, items):

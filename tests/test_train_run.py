@@ -30,7 +30,7 @@ CACHE = tempfile.mkdtemp(prefix="dice_jax_test_xla_cache_")
 atexit.register(shutil.rmtree, CACHE, True)
 
 
-def train(run_dir, *overrides, kill_at=None, check=True):
+def train(run_dir, *overrides, kill_at=None, term_at=None, check=True):
     env = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false",
                JAX_COMPILATION_CACHE_DIR=CACHE,
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
@@ -38,11 +38,13 @@ def train(run_dir, *overrides, kill_at=None, check=True):
     env.pop("XLA_FLAGS", None)
     if kill_at:
         env["DICE_JAX_KILL_AT"] = kill_at
+    if term_at:
+        env["DICE_JAX_TERM_AT"] = term_at
     proc = subprocess.run(
         [sys.executable, "-m", "dice_jax.train", f"--config={TINY}",
          f"--config.run_dir={run_dir}", "--quiet", *overrides],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    if check and kill_at is None:
+    if check and kill_at is None and term_at is None:
         assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -156,3 +158,22 @@ def test_bad_config_exits_2_before_any_work(tmp_path, override, message):
     assert proc.returncode == 2
     assert message in proc.stderr and proc.stderr.count("error:") == 1
     assert not os.path.exists(run_dir)
+
+
+def test_sigterm_checkpoints_the_step_in_progress_and_resumes(reference_run, tmp_path):
+    run_dir = str(tmp_path / "preempted")
+    seed_stages(reference_run, run_dir, ORDER[:ORDER.index("round_2/train")])
+    # tiny saves every 2 steps: a SIGTERM during step 3 must checkpoint step 3 itself.
+    proc = train(run_dir, term_at="round_2/train:step=3")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert last.startswith("stopped: SIGTERM: checkpoint of step 3 saved"), last
+    checkpoints = os.path.join(run_dir, "round_2", "train.partial", "checkpoints")
+    assert "3" in os.listdir(checkpoints) and "round_2/train" not in manifest(run_dir)
+    train(run_dir)
+    assert manifest(run_dir) == EXPECTED
+    records = [json.loads(line) for line in read(os.path.join(
+        run_dir, "round_2", "train", "metrics.jsonl")).splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]  # no step lost, none repeated
+    for x, y in zip(policy_params(run_dir, 2), policy_params(reference_run, 2)):
+        np.testing.assert_array_equal(x, y)

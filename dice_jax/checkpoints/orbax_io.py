@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -31,17 +32,44 @@ def is_checkpoint(path: str) -> bool:
 
 def save_checkpoint(params: dict, config: ModelConfig, destination: str,
                     tokenizer: Any = None) -> str:
-    """Writes a dice-jax checkpoint at `destination` (which must not exist), atomically."""
-    with atomic_directory(destination) as tmp:
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(os.path.join(tmp, "params"), params)
-        checkpointer.wait_until_finished()
-        if tokenizer is not None:
-            tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
-        write_json(os.path.join(tmp, MARKER), {
+    """Writes a dice-jax checkpoint at `destination` (which must not exist), atomically.
+
+    With several processes every process calls this (orbax saves the shards collectively
+    into one folder on a shared file system) and process 0 writes the rest and renames."""
+    if jax.process_count() == 1:
+        with atomic_directory(destination) as tmp:
+            _write_checkpoint(params, config, tmp, tokenizer)
+        return destination
+    from dice_jax.distributed import barrier, is_writer
+
+    tmp = f"{destination}.tmp-shared"
+    if is_writer():
+        if os.path.lexists(destination):
+            raise CheckpointError(destination, "destination already exists; refusing to "
+                                  "overwrite")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier(f"save {destination}")
+    _write_checkpoint(params, config, tmp, tokenizer if is_writer() else None,
+                      marker=is_writer())
+    barrier(f"saved {destination}")
+    if is_writer():
+        os.rename(tmp, destination)
+    barrier(f"renamed {destination}")
+    return destination
+
+
+def _write_checkpoint(params: dict, config: ModelConfig, folder: str, tokenizer: Any,
+                      marker: bool = True) -> None:
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(folder, "params"), params)
+    checkpointer.wait_until_finished()
+    if tokenizer is not None:
+        tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+    if marker:
+        write_json(os.path.join(folder, MARKER), {
             "format": "dice-jax", "version": FORMAT_VERSION,
             "model_config": json.loads(config.to_json())})
-    return destination
 
 
 def read_checkpoint_config(path: str) -> ModelConfig:

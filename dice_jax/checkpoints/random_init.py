@@ -43,15 +43,21 @@ def byte_tokenizer() -> Any:
                                    unk_token="<|endoftext|>", chat_template=CHATML)
 
 
+def random_config(name: str, tokenizer: Any = None, **config_overrides: Any) -> ModelConfig:
+    """The config of `random:NAME`: the preset with the byte tokenizer's vocabulary."""
+    tokenizer = tokenizer or byte_tokenizer()
+    return preset(name, vocab_size=len(tokenizer), bos_token_id=None,
+                  eos_token_ids=(tokenizer.eos_token_id,),
+                  pad_token_id=tokenizer.pad_token_id, **config_overrides)
+
+
 def random_model(name: str, seed: int = 0, shardings: Any | None = None,
                  **config_overrides: Any) -> tuple[dict, ModelConfig, Any]:
     """Params (initialised straight onto `shardings`), config and tokenizer."""
     from dice_jax.models.decoder import Decoder
 
     tokenizer = byte_tokenizer()
-    config = preset(name, vocab_size=len(tokenizer), bos_token_id=None,
-                    eos_token_ids=(tokenizer.eos_token_id,),
-                    pad_token_id=tokenizer.pad_token_id, **config_overrides)
+    config = random_config(name, tokenizer, **config_overrides)
     shardings = shardings if shardings is not None else param_shardings(config)
     ids = jnp.zeros((1, 1), jnp.int32)
 

@@ -78,7 +78,10 @@ def shared_prefix_attention(q: Array, prompt: Segment, chunks: list[Segment],
     `[B, kv_heads, P, head_dim]`; each generated chunk's k/v `[N, kv_heads, C, head_dim]`;
     prompt_allowed bool `[B, P]`; chunk_allowed bool `[C]` per chunk (the same slots for
     every row). Returns `[N, heads, head_dim]`. One float32 softmax spans all segments
-    (normalised after the value products, so no segment is copied or concatenated).
+    (normalised after the value products, so no segment is copied or concatenated). As in
+    `decoder._attend`, the scores are rounded through the compute dtype and the value
+    products accumulate in float32: with bfloat16 compute, rounding each segment's partial
+    output to bfloat16 before adding them would lose precision the scorer keeps.
     """
     n, h, d = q.shape
     b, kv = prompt["k"].shape[:2]
@@ -86,11 +89,12 @@ def shared_prefix_attention(q: Array, prompt: Segment, chunks: list[Segment],
     dtype, scale = q.dtype, d ** -0.5
     # Prompt segment: the K rows of a prompt form one [K*G, P] score block per kv head.
     qp = q.reshape(b, k_rep, kv, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kv, k_rep * g, d)
-    s_p = jnp.einsum("bhmd,bhsd->bhms", qp, prompt["k"].astype(dtype)).astype(jnp.float32)
+    f32 = jnp.float32
+    s_p = jnp.einsum("bhmd,bhsd->bhms", qp, prompt["k"].astype(dtype)).astype(f32)
     s_p = jnp.where(prompt_allowed[:, None, None, :], s_p * scale, _MASKED)
     qn = q.reshape(n, kv, g, d)
     s_c = [jnp.where(allowed, jnp.einsum("nhgd,nhcd->nhgc", qn, c["k"].astype(dtype)
-                                         ).astype(jnp.float32) * scale, _MASKED)
+                                         ).astype(f32) * scale, _MASKED)
            for c, allowed in zip(chunks, chunk_allowed)]
     to_rows = lambda x: x.reshape(b, kv, k_rep, g, *x.shape[3:]).swapaxes(1, 2).reshape(  # noqa: E731
         n, kv, g, *x.shape[3:])
@@ -100,12 +104,14 @@ def shared_prefix_attention(q: Array, prompt: Segment, chunks: list[Segment],
     high_p = high.reshape(b, k_rep, kv, g).swapaxes(1, 2).reshape(b, kv, k_rep * g)
     e_p = jnp.exp(s_p - high_p[..., None])
     total = to_rows(jnp.sum(e_p, axis=-1))
-    out = to_rows(jnp.einsum("bhms,bhsd->bhmd", e_p.astype(dtype), prompt["v"].astype(dtype)))
+    out = to_rows(jnp.einsum("bhms,bhsd->bhmd", e_p.astype(dtype), prompt["v"].astype(dtype),
+                             preferred_element_type=f32))
     for s, c in zip(s_c, chunks):
         e = jnp.exp(s - high[..., None])
         total = total + jnp.sum(e, axis=-1)
-        out = out + jnp.einsum("nhgc,nhcd->nhgd", e.astype(dtype), c["v"].astype(dtype))
-    return (out / total[..., None].astype(out.dtype)).reshape(n, h, d)
+        out = out + jnp.einsum("nhgc,nhcd->nhgd", e.astype(dtype), c["v"].astype(dtype),
+                               preferred_element_type=f32)
+    return (out / total[..., None]).astype(dtype).reshape(n, h, d)
 
 
 def _layer_step(config: ModelConfig, lp: dict, x: Array, cos: Array, sin: Array,
@@ -167,6 +173,8 @@ def decode_step(config: ModelConfig, params: dict, layers: list[dict], tokens: A
                                 chunk_allowed)
         new_generated.append(chunks)
     x = rms_norm(x, jnp.asarray(params["final_norm"], dtype), config.rms_norm_eps)
+    # Rounded through the compute dtype as `Decoder.logits` is (so a sampled token's
+    # log-prob is the one the scorer gives it), then float32 for the log-softmax.
     if config.tie_word_embeddings:
         logits = jnp.einsum("ne,ve->nv", x, jnp.asarray(params["embed"], dtype))
     else:

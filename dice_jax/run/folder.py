@@ -17,20 +17,48 @@ import glob
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
+from dice_jax.distributed import (
+    agree,
+    all_processes,
+    barrier,
+    broadcast,
+    is_writer,
+    process_count,
+    process_index,
+)
 from dice_jax.errors import ConfigError, DiceError
-from dice_jax.fileio import atomic_directory, read_json, write_json
+from dice_jax.fileio import atomic_directory, atomic_write_text, read_json, write_json
 
 # Keys a resumed run may change without invalidating completed stages.
 RESUME_MUTABLE_KEYS = ("rounds", "export_hf_each_round")
+SHARED_TOKEN = ".shared-folder-token"  # multi-host: proves process 0's folder is everyone's
 
 
 class RunFolder:
     def __init__(self, root: str, config: dict[str, Any]) -> None:
         self.root = os.path.abspath(root)
+        if is_writer():
+            self._create_root()
+        barrier("run folder created")
+        if not os.path.isdir(self.root):
+            raise ConfigError(f"config.run_dir: {self.root} is not visible from process "
+                              f"{process_index()}: a multi-host run needs a folder all hosts "
+                              "share (NFS, Lustre, a mounted bucket)")
+        self._check_shared()
+        self._check_config(config)
+        self._manifest_path = os.path.join(self.root, "manifest.json")
+        barrier("config checked")
+        self.manifest = self._read_manifest()
+        agree("the run folder's manifest", sorted(self.manifest["stages"]))
+
+    def _create_root(self) -> None:
         if os.path.exists(self.root) and not os.path.isdir(self.root):
             raise ConfigError(f"config.run_dir: {self.root} is an existing file, not a folder")
         try:
@@ -40,14 +68,36 @@ class RunFolder:
                               f"({e.strerror or e})") from None
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise ConfigError(f"config.run_dir: {self.root} is not writable")
-        self._check_config(config)
-        self._manifest_path = os.path.join(self.root, "manifest.json")
-        self.manifest = self._read_manifest()
+
+    def _check_shared(self) -> None:
+        """Several processes: process 0 writes a random token that every other process
+        must read back, so a run_dir that is not one shared folder stops here."""
+        if process_count() == 1:
+            return
+        path = os.path.join(self.root, SHARED_TOKEN)
+        token = np.frombuffer(os.urandom(16), np.uint8) if is_writer() else np.zeros(
+            16, np.uint8)
+        if is_writer():
+            atomic_write_text(path, token.tobytes().hex())
+        token = np.asarray(broadcast(token))
+        barrier("shared token written")
+        try:
+            with open(path) as f:
+                seen = f.read().strip()
+        except OSError:
+            seen = ""
+        ok = np.asarray(seen == token.tobytes().hex())
+        if not all(all_processes(ok)):
+            raise ConfigError(f"config.run_dir: {self.root} is not the same folder on every "
+                              "host (process 0's token file was not read back); use a folder "
+                              "all hosts share")
 
     def _check_config(self, config: dict[str, Any]) -> None:
         path = os.path.join(self.root, "config.json")
-        if not os.path.exists(path):
-            write_json(path, config)
+        agree("the run config", config)
+        if not bool(broadcast(np.asarray(os.path.exists(path)))):  # process 0's view
+            if is_writer():
+                write_json(path, config)
             return
         saved = read_json(path)
         changed = sorted(k for k in _flatten(config).keys() | _flatten(saved).keys()
@@ -57,7 +107,9 @@ class RunFolder:
             raise ConfigError(f"{path}: this run folder was started with a different config "
                               f"({', '.join(changed[:5])} differ); use a new run_dir or the "
                               "original settings")
-        write_json(path, config)  # record the mutable keys' new values
+        barrier("config read")
+        if is_writer():
+            write_json(path, config)  # record the mutable keys' new values
 
     def _read_manifest(self) -> dict[str, Any]:
         if not os.path.exists(self._manifest_path):
@@ -84,31 +136,49 @@ class RunFolder:
     def _mark_complete(self, stage: str, info: dict[str, Any] | None) -> None:
         self.manifest["stages"][stage] = {"completed_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                           **(info or {})}
-        write_json(self._manifest_path, self.manifest)
+        if is_writer():
+            write_json(self._manifest_path, self.manifest)
 
     def run_stage(self, stage: str, work: Callable[[str], dict[str, Any] | None],
                   resumable: bool = False) -> str:
         """Runs `work(folder)` unless `stage` is complete; returns the stage's final path.
 
         `work` writes its artifacts into `folder` and may return a small JSON-able dict
-        that the manifest keeps (counts, alpha*, ...).
+        that the manifest keeps (counts, alpha*, ...). With several processes every one
+        runs `work` (the computation is collective) but only process 0 writes the run
+        folder: the others get a private scratch folder, except in a resumable stage,
+        whose orbax checkpoints all processes save together into the same folder.
         """
         final = self.path(stage)
         if self.is_complete(stage):
             return final
-        if os.path.exists(final):  # renamed but not recorded: the manifest write was killed
-            shutil.rmtree(final)
-        for stale in glob.glob(os.path.join(os.path.dirname(final),
-                                            f".{os.path.basename(final)}.tmp-*")):
-            shutil.rmtree(stale, ignore_errors=True)
+        barrier(f"start {stage}")
+        if is_writer():
+            if os.path.exists(final):  # renamed but not recorded: the manifest write died
+                shutil.rmtree(final)
+            for stale in glob.glob(os.path.join(os.path.dirname(final),
+                                                f".{os.path.basename(final)}.tmp-*")):
+                shutil.rmtree(stale, ignore_errors=True)
         if resumable:
             partial = final + ".partial"
-            os.makedirs(partial, exist_ok=True)
+            if is_writer():
+                os.makedirs(partial, exist_ok=True)
+            barrier(f"partial {stage}")
             info = work(partial)
-            os.rename(partial, final)
-        else:
+            barrier(f"end {stage}")
+            if is_writer():
+                os.rename(partial, final)
+        elif is_writer():
             with atomic_directory(final) as tmp:
                 info = work(tmp)
+            barrier(f"end {stage}")
+        else:
+            scratch = tempfile.mkdtemp(prefix=f"dice-jax-p{process_index()}-")
+            try:
+                info = work(scratch)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            barrier(f"end {stage}")
         self._mark_complete(stage, info)
         return final
 

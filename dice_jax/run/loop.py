@@ -23,11 +23,10 @@ import logging
 import os
 from typing import Any
 
-import jax
-
 from dice_jax.checkpoints.hf import export_hf_folder
 from dice_jax.config import RunConfig
 from dice_jax.data import load_preference_data
+from dice_jax.distributed import agree, host_tree, is_writer
 from dice_jax.run import stages
 from dice_jax.run.folder import RunFolder
 from dice_jax.run.models import RoundModels
@@ -54,6 +53,7 @@ class DiceRun:
             d = self.config.data
             self._offline = load_preference_data(d.offline, d.offline_split, d.max_prompts,
                                                  self.config.seed)
+            agree(f"D_offline ({d.offline}, its seeded subset)", self._offline)
             log.info("D_offline: %d pairs, %d prompts from %s", len(self._offline),
                      len(stages.unique_prompts(self._offline)), d.offline)
         return self._offline
@@ -165,10 +165,12 @@ class DiceRun:
     def _export(self, name: str, source: str) -> None:
         def work(folder: str) -> dict[str, Any]:
             self.models.ensure_loaded()
-            path = export_hf_folder(jax.device_get(self.models.load(source)),
-                                    self.models.model_config, os.path.join(folder, "hf"),
-                                    self.models.tokenizer)
-            return {"hf_folder": path.replace(folder, self.folder.path(name))}
+            params = host_tree(self.models.load(source))  # every process takes part
+            info = {"hf_folder": os.path.join(self.folder.path(name), "hf")}
+            if is_writer():
+                export_hf_folder(params, self.models.model_config, os.path.join(folder, "hf"),
+                                 self.models.tokenizer)
+            return info
 
         self._stage(name, work)
 
@@ -198,5 +200,5 @@ class DiceRun:
         shape; `python -m dice_jax.report RUN_A RUN_B ...` compares several runs."""
         from dice_jax.report import write_report
 
-        if self.config.eval.enabled:
+        if self.config.eval.enabled and is_writer():
             write_report([self.folder.root], os.path.join(self.folder.root, "summary.md"))

@@ -26,6 +26,7 @@ from dice_jax.chat_templates import apply_chat_template
 from dice_jax.checkpoints import load_model, resolve_source
 from dice_jax.checkpoints.orbax_io import read_checkpoint_config
 from dice_jax.config import RunConfig
+from dice_jax.distributed import put_global
 from dice_jax.errors import DiceError
 from dice_jax.models.config import ModelConfig
 from dice_jax.run.folder import RunFolder
@@ -71,6 +72,10 @@ class RoundModels:
         kind, path = resolve_source(source)
         if kind == "dice":
             return read_checkpoint_config(path).replace(**self._overrides)
+        if kind == "random":  # initialised straight onto the mesh, on every process
+            from dice_jax.checkpoints.random_init import random_config
+
+            return random_config(path, **self._overrides)
         if kind == "hf":
             return ModelConfig.from_hf_file(os.path.join(path, "config.json")).replace(
                 **self._overrides)
@@ -96,8 +101,9 @@ class RoundModels:
                             f"({loaded.config.model_type}, {loaded.config.num_layers} "
                             "layers ...); policy and reference must share one")
         params = loaded.params
-        if shardings is None:
-            params = jax.device_put(params, param_shardings(self.model_config, self.mesh))
+        if shardings is None:  # host (or one-device) weights: each process places its shards
+            params = jax.tree.map(put_global, params,
+                                  param_shardings(self.model_config, self.mesh))
         self.remember(source, params)
         return params
 

@@ -32,6 +32,7 @@ from dice_jax.dice.artifacts import MIXED_FILE, write_round_files
 from dice_jax.dice.builder import DiceDataConfig, ScoredSamples, build_round_data
 from dice_jax.dice.llm_judge import judge_prompt, judge_scores
 from dice_jax.dice.scoring import score_samples, scored_samples
+from dice_jax.distributed import agree, is_writer
 from dice_jax.errors import DiceError
 from dice_jax.evaluation import MODES, EvalConfig, evaluate_policy
 from dice_jax.fileio import atomic_file, read_json, read_jsonl, write_json, write_jsonl
@@ -179,7 +180,9 @@ def data_stage(folder: str, scored: ScoredSamples, offline: list[dict[str, Any]]
 
 
 def read_mixed(data_folder: str) -> list[dict[str, Any]]:
-    return read_jsonl(os.path.join(data_folder, MIXED_FILE))
+    rows = read_jsonl(os.path.join(data_folder, MIXED_FILE))
+    agree(f"{data_folder}/{MIXED_FILE} (D_t)", rows)
+    return rows
 
 
 def tokenized_split(rows: list[dict[str, Any]], tokenizer: Any, model_config: ModelConfig,
@@ -221,19 +224,23 @@ def train_stage(folder: str, stage: str, rows: list[dict[str, Any]], params: Any
     trainer = DPOTrainer(cfg, model_config, params, train, folder, held,
                          reference_params=reference_params, reference_id=reference_id,
                          mesh=mesh, progress=progress)
-    writer = MetricsWriter(folder, prefix=stage.split("/")[0], jsonl=False)
+    writer = MetricsWriter(folder, prefix=stage.split("/")[0], jsonl=False) if (
+        is_writer()) else None
 
     def on_step(record: dict[str, float]) -> None:
-        writer.write(record)
+        if writer is not None:
+            writer.write(record)
         kill_point(f"{stage}:step={int(record['step'])}")
 
     try:
         history = trainer.train(on_step=on_step)
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
     trained = trainer.params
     save_checkpoint(trained, model_config, policy_dir, tokenizer)
-    shutil.rmtree(os.path.join(folder, "checkpoints"), ignore_errors=True)
+    if is_writer():
+        shutil.rmtree(os.path.join(folder, "checkpoints"), ignore_errors=True)
     last = history[-1] if history else {}
     info.update({"steps": cfg.max_steps, "final_loss": last.get("loss"),
                  "final_accuracy": last.get("rewards/accuracies")})

@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
+from dice_jax.distributed import host_tree, put_global
 from dice_jax.models.config import ModelConfig
 from dice_jax.models.decode import init_generated
 from dice_jax.models.decoder import cache_bytes
@@ -247,7 +248,7 @@ class Sampler:
         if self.mesh is None:
             return jnp.asarray(x)
         spec = logical_to_spec(names, x.shape, self.mesh, SAMPLING_RULES)
-        return jax.device_put(x, NamedSharding(self.mesh, spec))
+        return put_global(x, NamedSharding(self.mesh, spec))
 
     def _generated_cache(self, program: Program, rows: int) -> list[dict]:
         key = (program, rows)
@@ -285,7 +286,7 @@ class Sampler:
                                 jnp.asarray(seed & 0xFFFFFFFF, jnp.uint32),
                                 self._generated_cache(program, rows),
                                 jnp.int32(limit or program.max_new_tokens), program=program)
-        result = jax.device_get(out)  # the one host transfer of the batch
+        result = host_tree(out)  # the one host transfer of the batch (all processes')
         self._generated[(program, rows)] = generated
         return result
 

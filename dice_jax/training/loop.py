@@ -29,6 +29,8 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from dice_jax import preemption
+from dice_jax.distributed import host_array, host_tree, is_writer
 from dice_jax.errors import DiceError
 from dice_jax.fileio import append_jsonl, atomic_file
 from dice_jax.models.config import ModelConfig
@@ -111,7 +113,7 @@ def compute_reference_logps(logps_fn: Callable, params: Any, data: PairArrays,
     for idx, real in tqdm(padded_batches(data, batch_size), desc="reference log-probs",
                           leave=False, disable=bar_disabled(progress)):
         logps, _ = logps_fn(params, put(model_inputs(data.take(idx), split_lengths)))
-        out[idx[:real]] = np.asarray(jax.device_get(logps))[:real]
+        out[idx[:real]] = host_array(logps)[:real]
     return out
 
 
@@ -127,9 +129,10 @@ def load_or_compute_reference(cache_dir: str, split: str, data: PairArrays, iden
         if logps.shape == (len(data), 2):
             return logps, False
     logps = compute()
-    os.makedirs(cache_dir, exist_ok=True)
-    with atomic_file(path, "wb") as f:
-        np.savez(f, logps=logps, identity=np.asarray(identity))
+    if is_writer():  # every process computed the same values; one writes them
+        os.makedirs(cache_dir, exist_ok=True)
+        with atomic_file(path, "wb") as f:
+            np.savez(f, logps=logps, identity=np.asarray(identity))
     return logps, True
 
 
@@ -270,13 +273,14 @@ class DPOTrainer:
         for idx, real in padded_batches(self.eval_data, self.eval_batch_size):
             host = model_inputs(self.eval_data.take(idx), self.split_lengths["eval"])
             host["ref_logps"] = self.reference["eval"][idx]
-            metrics = jax.device_get(self._eval_step(self.state.params, self._put_pairs(host)))
+            metrics = host_tree(self._eval_step(self.state.params, self._put_pairs(host)))
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(np.sum(np.asarray(v)[:real]))
         return {f"eval/{k}": v / len(self.eval_data) for k, v in sums.items()}
 
     def _write_metrics(self, record: dict[str, Any]) -> None:
-        append_jsonl(os.path.join(self.workdir, "metrics.jsonl"), record)
+        if is_writer():
+            append_jsonl(os.path.join(self.workdir, "metrics.jsonl"), record)
 
     def train(self, until_step: int | None = None,
               on_step: Callable[[dict[str, float]], None] | None = None
@@ -292,36 +296,52 @@ class DPOTrainer:
         bar = tqdm(total=cfg.max_steps, initial=start, desc="dpo",
                    disable=bar_disabled(self.progress))
         try:
-            for step in range(start, end):
-                batch, tokens = self._train_batch(step)
-                t0 = time.perf_counter()
-                self.state, metrics = self._train_step(self.state, batch)
-                record = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                record["tokens_per_second"] = tokens / (time.perf_counter() - t0)
-                record["step"] = step + 1
-                if not record.pop("finite"):
-                    raise DiceError(
-                        f"non-finite loss or gradient at step {step + 1} (loss="
-                        f"{record['loss']}, grad_norm={record['grad_norm']}); training "
-                        f"stopped before applying it; the last good checkpoint is step "
-                        f"{self.manager.latest_step()} in {self.manager.directory}")
-                done = step + 1
-                if cfg.eval_every and done % cfg.eval_every == 0:
-                    record.update(self.evaluate())
-                if cfg.save_every and done % cfg.save_every == 0:
-                    self.save()
-                history.append(record)
-                self._write_metrics(record)
-                if on_step is not None:
-                    on_step(record)
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}",
-                                acc=f"{record['rewards/accuracies']:.2f}",
-                                tok_s=f"{record['tokens_per_second']:.0f}")
+            with preemption.deferred():
+                history = self._steps(start, end, history, bar, on_step)
             if end == cfg.max_steps:
                 self.save()
         finally:
             bar.close()
+        return history
+
+    def _steps(self, start: int, end: int, history: list[dict[str, float]], bar: Any,
+               on_step: Callable[[dict[str, float]], None] | None
+               ) -> list[dict[str, float]]:
+        """Steps `start` to `end`; after each, a SIGTERM on any process checkpoints that
+        step on all of them and stops with `Preempted`."""
+        cfg = self.cfg
+        for step in range(start, end):
+            batch, tokens = self._train_batch(step)
+            t0 = time.perf_counter()
+            self.state, metrics = self._train_step(self.state, batch)
+            record = {k: float(v) for k, v in host_tree(metrics).items()}
+            record["tokens_per_second"] = tokens / (time.perf_counter() - t0)
+            record["step"] = step + 1
+            if not record.pop("finite"):
+                raise DiceError(
+                    f"non-finite loss or gradient at step {step + 1} (loss="
+                    f"{record['loss']}, grad_norm={record['grad_norm']}); training "
+                    f"stopped before applying it; the last good checkpoint is step "
+                    f"{self.manager.latest_step()} in {self.manager.directory}")
+            done = step + 1
+            if cfg.eval_every and done % cfg.eval_every == 0:
+                record.update(self.evaluate())
+            if cfg.save_every and done % cfg.save_every == 0:
+                self.save()
+            history.append(record)
+            self._write_metrics(record)
+            if on_step is not None:
+                on_step(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}",
+                            acc=f"{record['rewards/accuracies']:.2f}",
+                            tok_s=f"{record['tokens_per_second']:.0f}")
+            if preemption.requested():
+                if self.manager.latest_step() != done:
+                    self.save()
+                raise preemption.Preempted(
+                    f"SIGTERM: checkpoint of step {done} saved in "
+                    f"{self.manager.directory}; run the same command to resume")
         return history
 
     @property

@@ -42,6 +42,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from dice_jax.distributed import host_tree
 from dice_jax.errors import DiceError
 from dice_jax.models.config import ModelConfig
 from dice_jax.models.packing import Packing, packed_capacity, packing_from_mask
@@ -284,7 +285,7 @@ def _score_whole(params: Any, config: ModelConfig, prompt_ids: Sequence[Sequence
     lengths = [len(p) + len(r) for p, r in zip(prompts, response_ids)]
     for length, members in plan_batches(lengths, rows, buckets):
         batch = build_batch(prompts, response_ids, members, rows, length, config.pad_token_id or 0)
-        sums, n = jax.device_get(fn(params, *(_put(mesh, rules, batch[k]) for k in
+        sums, n = host_tree(fn(params, *(_put(mesh, rules, batch[k]) for k in
                                                ("input_ids", "attention_mask", "loss_mask"))))
         logps[members] = np.asarray(sums)[:len(members)]
         counts[members] = np.asarray(n)[:len(members)]
@@ -328,7 +329,7 @@ def _score_shared(params: Any, config: ModelConfig, prompt_ids: Sequence[Sequenc
             for r, n in enumerate(chosen):
                 resp[r, :len(response_ids[n])] = response_ids[n]
                 resp_mask[r, :len(response_ids[n])] = 1
-            sums, got = jax.device_get(responses(
+            sums, got = host_tree(responses(
                 params, cache, last, mask_d, *(_put(mesh, rules, a) for a in
                                                (row_prompt, resp, resp_mask)),
                 packing(resp_mask)))

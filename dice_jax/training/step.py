@@ -89,6 +89,11 @@ def train_step(state: TrainState, batch: Batch, *, model_config: ModelConfig,
     def apply(state: TrainState) -> TrainState:
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state.params, updates)
+        # bfloat16 master weights get bfloat16 Adam moments (`optimizer.init`, and the
+        # memory plan, follow the params): the float32 gradients promote the update's
+        # arithmetic to float32, and the moments are stored back in their own dtype.
+        opt_state = jax.tree.map(lambda new, old: new.astype(old.dtype), opt_state,
+                                 state.opt_state)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state)
 
     # A branch, not a select: the update is computed once, and only when it is finite.
