@@ -189,3 +189,27 @@ def test_sigterm_to_one_process_checkpoints_both_and_the_relaunch_finishes(runs,
         assert code == 0, err[-3000:]
     for x, y in zip(_policy(multi, 2), _policy(run_dir, 2), strict=True):
         np.testing.assert_array_equal(x, y)  # the same processes and mesh: the same sums
+
+
+@pytest.mark.slow  # two more 2-process runs; README "Test" names the command
+def test_a_killed_process_stops_the_other_and_the_relaunch_finishes(runs, tmp_path):
+    import time
+
+    _, multi, _, _ = runs
+    run_dir = str(tmp_path / "killed")
+    port = str(_free_port())
+    procs = [_train(run_dir, _env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                  JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
+                                  **({"DICE_JAX_KILL_AT": "round_1/train:step=2"} if i else {})))
+             for i in range(2)]
+    procs[1].communicate(timeout=600)
+    assert procs[1].returncode == -9
+    killed_at = time.monotonic()
+    (code, err), = _finish(procs[:1], timeout=300)
+    # JAX's heartbeat (dice_jax.distributed.HEARTBEAT_SECONDS) notices the lost process.
+    assert code != 0 and time.monotonic() - killed_at < 180
+    assert "Task 1 heartbeat timeout" in err
+    for code, err in two_processes(run_dir):
+        assert code == 0, err[-3000:]
+    for x, y in zip(_policy(multi, 2), _policy(run_dir, 2), strict=True):
+        np.testing.assert_array_equal(x, y)
