@@ -58,13 +58,18 @@ def _finish(procs: list[subprocess.Popen], timeout: float = 900) -> list[tuple[i
     return out
 
 
-def two_processes(run_dir: str, *overrides: str, write_log: str = "") -> list[tuple[int, str]]:
+def start_two(run_dir: str, *overrides: str, process_1: dict[str, str] | None = None,
+              **env: str) -> list[subprocess.Popen]:
+    """Both processes of a 2 x 4-device job; `process_1`: extra variables for process 1."""
     port = str(_free_port())
-    procs = [_train(run_dir, _env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                                  JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
-                                  DICE_JAX_WRITE_LOG=write_log), *overrides)
-             for i in range(2)]
-    return _finish(procs)
+    return [_train(run_dir, _env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                 JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i), **env,
+                                 **((process_1 or {}) if i else {})), *overrides)
+            for i in range(2)]
+
+
+def two_processes(run_dir: str, *overrides: str, write_log: str = "") -> list[tuple[int, str]]:
+    return _finish(start_two(run_dir, *overrides, DICE_JAX_WRITE_LOG=write_log))
 
 
 def _policy(run_dir: str, t: int) -> list[np.ndarray]:
@@ -176,11 +181,7 @@ def test_mesh_that_does_not_match_the_global_devices(tmp_path):
 def test_sigterm_to_one_process_checkpoints_both_and_the_relaunch_finishes(runs, tmp_path):
     _, multi, _, _ = runs
     run_dir = str(tmp_path / "preempted")
-    port = str(_free_port())
-    procs = [_train(run_dir, _env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                                  JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
-                                  **({"DICE_JAX_TERM_AT": "round_1/train:step=3"} if i else {})))
-             for i in range(2)]
+    procs = start_two(run_dir, process_1={"DICE_JAX_TERM_AT": "round_1/train:step=3"})
     for code, err in _finish(procs, timeout=600):
         assert code == 143, err[-3000:]
         assert err.strip().splitlines()[-1].startswith("stopped: SIGTERM: checkpoint of step 3")
@@ -197,11 +198,7 @@ def test_a_killed_process_stops_the_other_and_the_relaunch_finishes(runs, tmp_pa
 
     _, multi, _, _ = runs
     run_dir = str(tmp_path / "killed")
-    port = str(_free_port())
-    procs = [_train(run_dir, _env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                                  JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
-                                  **({"DICE_JAX_KILL_AT": "round_1/train:step=2"} if i else {})))
-             for i in range(2)]
+    procs = start_two(run_dir, process_1={"DICE_JAX_KILL_AT": "round_1/train:step=2"})
     procs[1].communicate(timeout=600)
     assert procs[1].returncode == -9
     killed_at = time.monotonic()
