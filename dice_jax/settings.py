@@ -138,18 +138,6 @@ def _default(field: dataclasses.Field) -> Any:
     return field.default_factory()  # type: ignore[misc]
 
 
-def flat_keys(obj: Any, prefix: str = "", managed: bool = False) -> list[str]:
-    """Dotted names of every leaf setting (`train.beta`, ...), without managed ones."""
-    keys = []
-    for field in dataclasses.fields(obj):
-        value = getattr(obj, field.name)
-        if dataclasses.is_dataclass(value):
-            keys += flat_keys(value, f"{prefix}{field.name}.", managed)
-        elif managed or not field.metadata.get("managed"):
-            keys.append(f"{prefix}{field.name}")
-    return keys
-
-
 def describe_settings(obj: Any, prefix: str = "") -> list[tuple[str, Any, str]]:
     """`(key, value, help)` of every leaf setting, for `--helpfull` style listings."""
     rows = []
@@ -164,7 +152,8 @@ def describe_settings(obj: Any, prefix: str = "") -> list[tuple[str, Any, str]]:
 
 def unknown_key_error(obj: Any, key: str) -> ConfigError:
     """`--config.KEY: unknown key (did you mean ...?)` for a key `obj` does not have."""
-    close = difflib.get_close_matches(key, flat_keys(obj), n=1)
+    keys = [name for name, _, _ in describe_settings(obj)]
+    close = difflib.get_close_matches(key, keys, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return ConfigError(f"--config.{key}: unknown key{hint}")
 

@@ -14,7 +14,6 @@ checkpoints survive a kill and the stage continues from the last one.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import shutil
 import tempfile
@@ -33,7 +32,7 @@ from dice_jax.distributed import (
     process_count,
     process_index,
 )
-from dice_jax.errors import ConfigError, DiceError
+from dice_jax.errors import ConfigError
 from dice_jax.fileio import atomic_directory, atomic_write_text, read_json, write_json
 
 # Keys a resumed run may change without invalidating completed stages.
@@ -75,11 +74,9 @@ class RunFolder:
         if process_count() == 1:
             return
         path = os.path.join(self.root, SHARED_TOKEN)
-        token = np.frombuffer(os.urandom(16), np.uint8) if is_writer() else np.zeros(
-            16, np.uint8)
+        token = np.asarray(broadcast(np.frombuffer(os.urandom(16), np.uint8)))  # process 0's
         if is_writer():
             atomic_write_text(path, token.tobytes().hex())
-        token = np.asarray(broadcast(token))
         barrier("shared token written")
         try:
             with open(path) as f:
@@ -114,11 +111,7 @@ class RunFolder:
     def _read_manifest(self) -> dict[str, Any]:
         if not os.path.exists(self._manifest_path):
             return {"stages": {}}
-        try:
-            with open(self._manifest_path) as f:
-                manifest = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DiceError(f"{self._manifest_path}: corrupt manifest ({e})") from None
+        manifest = read_json(self._manifest_path)
         # A manifest entry whose folder vanished is not complete.
         manifest["stages"] = {name: info for name, info in manifest.get("stages", {}).items()
                               if os.path.isdir(self.path(name))}

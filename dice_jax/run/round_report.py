@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from dice_jax.fileio import read_json
+from dice_jax.fileio import atomic_write_text, read_json
 from dice_jax.run.metrics import read_metrics
 
 CURVES = (("loss", "DPO loss"), ("rewards/accuracies", "reward accuracy"),
@@ -112,6 +112,5 @@ def write_round_report(run_dir: str, round_index: int, folder: str, method: str)
     lines += ["## Evaluation (verifiable judge)", "",
               *_eval_lines(_json(os.path.join(base, "eval", "metrics.json")), previous), ""]
     path = os.path.join(folder, "report.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
     return path
