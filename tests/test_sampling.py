@@ -72,13 +72,15 @@ def forward_logprobs(params, config, pairs):
             for i, (p, r) in enumerate(pairs)]
 
 
+@pytest.mark.parametrize("engine", ["continuous", "static"])
 @pytest.mark.parametrize("kind", ["llama", "mistral"])
-def test_greedy_matches_transformers(models, kind):
+def test_greedy_matches_transformers(models, kind, engine):
     model, params, config = models[kind]
     rows = prompts(4, seed=1)
-    # 40 new tokens: two decode phases (chunks of 32); mistral's window (5) bites.
+    # 40 new tokens: static, two decode phases (chunks of 32); continuous, two cache chunks
+    # of 64 after the 32-token prompt bucket; mistral's window (5) bites.
     result = Sampler(params, config).sample(rows, SamplingConfig(
-        num_samples=2, max_new_tokens=40, temperature=0.0, progress=False))
+        num_samples=2, max_new_tokens=40, temperature=0.0, progress=False), engine=engine)
     ref = hf_greedy(model, rows, 40)
     for i, expected in enumerate(ref):
         for sample in result.samples[i]:
@@ -87,7 +89,8 @@ def test_greedy_matches_transformers(models, kind):
     assert len({tuple(r) for r in ref}) > 1 and max(len(set(r)) for r in ref) > 5
     if kind == "mistral":  # guard: the sliding window changes these continuations
         windowless = Sampler(params, config.replace(sliding_window=None)).sample(
-            rows, SamplingConfig(max_new_tokens=40, temperature=0.0, progress=False))
+            rows, SamplingConfig(max_new_tokens=40, temperature=0.0, progress=False),
+            engine=engine)
         assert any(s[0].token_ids.tolist() != r for s, r in zip(windowless.samples, ref))
 
 
@@ -153,7 +156,8 @@ def test_rows_stop_independently(models):
     unused = 96
     for _ in range(3):  # a stop id that greedy never emits here
         free = sampler.sample(rows, SamplingConfig(max_new_tokens=24, temperature=0.0,
-                                                   stop_token_ids=(unused,), progress=False))
+                                                   stop_token_ids=(unused,), progress=False),
+                              engine="static")
         full = [s[0].token_ids.tolist() for s in free.samples]
         seen = {t for f in full for t in f}
         if unused not in seen:
@@ -162,7 +166,8 @@ def test_rows_stop_independently(models):
     assert all(len(f) == 24 and unused not in f for f in full)
     stops = {full[0][3], full[1][9], full[2][1], full[3][6]}
     stopped = sampler.sample(rows, SamplingConfig(max_new_tokens=24, temperature=0.0,
-                                                  stop_token_ids=tuple(stops), progress=False))
+                                                  stop_token_ids=tuple(stops), progress=False),
+                             engine="static")
     lengths = []
     for (unstopped,), (sample,) in zip(free.samples, stopped.samples):
         f = unstopped.token_ids.tolist()
@@ -182,8 +187,8 @@ def test_same_samples_whatever_the_batch_size(models):
     rows = prompts(8, seed=3)  # lengths 1..20: buckets 16 and 32
     cfg = SamplingConfig(num_samples=3, max_new_tokens=16, temperature=1.0, top_p=0.9,
                          top_k=20, seed=7, progress=False)
-    together = sampler.sample(rows, cfg)
-    alone = sampler.sample(rows, dataclasses.replace(cfg, max_batch_prompts=1))
+    together = sampler.sample(rows, cfg, engine="static")
+    alone = sampler.sample(rows, dataclasses.replace(cfg, max_batch_prompts=1), engine="static")
     assert together.num_batches == 2 and alone.num_batches == 8
     for a, b in zip(together.samples, alone.samples):
         for x, y in zip(a, b):
@@ -192,7 +197,7 @@ def test_same_samples_whatever_the_batch_size(models):
             np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-4)
     texts = [tuple(s.token_ids.tolist()) for group in together.samples for s in group]
     assert len(set(texts)) > len(texts) // 2  # samples differ from each other
-    other = sampler.sample(rows, dataclasses.replace(cfg, seed=8))
+    other = sampler.sample(rows, dataclasses.replace(cfg, seed=8), engine="static")
     assert [s.token_ids.tolist() for g in other.samples for s in g] != [list(t) for t in texts]
 
 
@@ -253,13 +258,15 @@ def test_memory_budget_splits_batches(models):
     per_prompt = cache_bytes(config, 1, 16) + cache_bytes(config, 2, 32)
     tight = dataclasses.replace(cfg, cache_budget_gb=(2 * per_prompt + 1) / 2**30)
     assert sampler.batch_prompts(16, tight) == 2
-    assert sampler.compile(rows, tight) > 0  # one step per batch shape
-    small, big = sampler.sample(rows, tight), sampler.sample(rows, cfg)
+    assert sampler.compile(rows, tight, engine="static") > 0  # one step per batch shape
+    small = sampler.sample(rows, tight, engine="static")
+    big = sampler.sample(rows, cfg, engine="static")
     assert small.num_batches == 3 and big.num_batches == 1
     assert ([s.token_ids.tolist() for g in small.samples for s in g]
             == [s.token_ids.tolist() for g in big.samples for s in g])
     with pytest.raises(ValueError, match=r"\(100 bytes\) is below one prompt"):
-        sampler.sample(rows, dataclasses.replace(cfg, cache_budget_gb=100 / 2**30))
+        sampler.sample(rows, dataclasses.replace(cfg, cache_budget_gb=100 / 2**30),
+                       engine="static")
 
 
 def test_eight_devices_match_one_device(tmp_path):
@@ -267,7 +274,7 @@ def test_eight_devices_match_one_device(tmp_path):
     result = run_on_cpu_devices("sharded_sampling.py", folder)
     assert result["devices"] == 8
     single = result["single"]
-    for name in ("data8", "d2f2t2"):
+    for name in ("single_static", "data8", "data8_static", "d2f2t2"):
         run = result[name]
         assert run["tokens"] == single["tokens"], name
         for a, b in zip(run["logprobs"], single["logprobs"]):

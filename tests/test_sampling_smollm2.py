@@ -55,14 +55,17 @@ def test_prompts_use_the_chat_template_once(smollm2):
         assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>") != ids[1]
 
 
-def test_greedy_matches_transformers(smollm2, reference):
+@pytest.mark.parametrize("engine", ["continuous", "static"])
+def test_greedy_matches_transformers(smollm2, reference, engine):
     model, sampler = smollm2
     rows = [sampler.encode(p, i) for i, p in enumerate(PROMPTS)]
     assert len({len(r) for r in rows}) == len(rows)  # all lengths differ
-    # min_bucket=64: all prompts in one batch (and one program), as in a real run.
-    result = sampler.sample(PROMPTS, SamplingConfig(max_new_tokens=40, temperature=0.0,
-                                                    min_bucket=64, progress=False))
-    assert result.num_batches == 1
+    # min_bucket=64: all prompts in one batch (and one program), as in a real run. The
+    # continuous engine: 2 slots, so the queue refills them as rows finish.
+    result = sampler.sample(PROMPTS, SamplingConfig(
+        max_new_tokens=40, temperature=0.0, min_bucket=64, progress=False,
+        max_slots=2 if engine == "continuous" else None), engine=engine)
+    assert result.num_batches == 1 if engine == "static" else result.slot_steps > 0
     total = max(map(len, rows))
     ids = np.full((len(rows), total), 2, np.int64)
     mask = np.zeros_like(ids)

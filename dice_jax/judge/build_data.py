@@ -121,7 +121,8 @@ def sampling_config(args: BuildArgs) -> Any:
             num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
             max_prompt_tokens=bucket, truncate_prompts=False, min_bucket=bucket,
-            max_batch_prompts=batch, cache_budget_gb=1024.0)
+            max_batch_prompts=batch, max_slots=batch * args.num_samples,
+            cache_budget_gb=1024.0)
     except ValueError as e:
         raise DiceError(f"sampling settings: {e}") from None
 

@@ -80,6 +80,7 @@ def sample_stage(folder: str, stage: str, params: Any, model_config: ModelConfig
             "seconds": round(result.seconds, 2),
             "tokens_per_second": round(result.num_generated_tokens / max(result.seconds, 1e-9),
                                        1),
+            "engine": result.engine, "slot_utilisation": round(result.utilisation, 4),
             "truncated_prompts": result.num_truncated}
 
 

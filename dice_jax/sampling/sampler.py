@@ -1,13 +1,13 @@
 """The user-facing sampler: K responses per prompt with their policy log-probs.
 
-`Sampler.sample(prompts)` tokenises (chat template, generation prompt), checks lengths,
-groups prompts by power-of-two length bucket, cuts each bucket into batches that fit the KV
-cache memory budget, runs the jitted `prefill` / `decode` programs of
-`dice_jax.sampling.generate` per batch with a progress bar, and decodes the results. All I/O
-and bookkeeping is here; the math is in `generate` and `distributions`.
+`Sampler.sample(prompts)` tokenises (chat template, generation prompt), checks lengths and
+runs one of two engines with a progress bar: continuous batching (`engine.SlotEngine`:
+decode slots refilled as rows finish) or static batches (prompts grouped by power-of-two
+length bucket, batches that fit the KV-cache budget, `generate.prefill` / `decode` per
+batch, each until its longest row stops). The math is in `generate`, `slots` and
+`distributions`.
 """
 
-import dataclasses
 import logging
 import math
 import time
@@ -26,11 +26,22 @@ from dice_jax.models.decode import init_generated
 from dice_jax.models.decoder import cache_bytes
 from dice_jax.progress import bar_disabled
 from dice_jax.sampling.distributions import Distribution
+from dice_jax.sampling.engine import (
+    CHUNK_STEPS,
+    EngineStats,
+    Finished,
+    SlotEngine,
+    next_power_of_two,
+    plan_slots,
+)
 from dice_jax.sampling.generate import SAMPLING_RULES, Program, chunk_size, decode, prefill
+from dice_jax.sampling.results import Sample, SamplingResult, make_sample
+from dice_jax.sampling.slots import SlotProgram
 from dice_jax.settings import check_settings, section, setting
 from dice_jax.sharding import logical_to_spec, param_shardings
 
 log = logging.getLogger("dice_jax.sampling")
+ENGINES = ("auto", "continuous", "static")
 Prompt = str | Sequence[dict] | Sequence[int]
 
 
@@ -63,8 +74,11 @@ class SamplingConfig:
     cache_dtype: str | None = setting(None, "KV-cache dtype (None: the compute dtype)",
                                       choices=("float32", "bfloat16"))
     min_bucket: int = setting(16, "smallest padded prompt length", min=1)
-    max_batch_prompts: int | None = setting(None, "prompts per batch at most (None: as "
-                                            "many as the cache budget allows)", min=1)
+    max_batch_prompts: int | None = setting(None, "static engine: prompts per batch at "
+                                            "most (None: as many as the cache budget "
+                                            "allows)", min=1)
+    max_slots: int | None = setting(None, "continuous engine: decode slots at most (None: "
+                                    "as many as the cache budget allows)", min=1)
     progress: bool = setting(True, "progress bar", managed="--quiet")
 
     def __post_init__(self) -> None:
@@ -80,39 +94,6 @@ class SamplingConfig:
     @property
     def distribution(self) -> Distribution:
         return Distribution(self.temperature, self.top_k, self.top_p)
-
-
-@dataclasses.dataclass(frozen=True)
-class Sample:
-    """One response. `token_ids`/`logprobs` include the stop token when `finish_reason` is
-    "stop" (its log-prob is part of the response's likelihood); `text` does not."""
-
-    prompt_index: int
-    sample_index: int
-    text: str
-    token_ids: np.ndarray  # int32 [length]
-    logprobs: np.ndarray  # float32 [length], log-softmax of the untempered logits
-    finish_reason: str  # "stop" | "length"
-
-    @property
-    def length(self) -> int:
-        return int(self.token_ids.shape[0])
-
-
-@dataclasses.dataclass
-class SamplingResult:
-    samples: list[list[Sample]]  # [prompt][sample]
-    prompt_token_ids: list[list[int]]  # after templating (and truncation)
-    num_truncated: int
-    num_generated_tokens: int
-    seconds: float
-    num_batches: int
-    decode_steps: int  # forward passes of the decode loops, all batches together
-    shapes: list[tuple[int, int]]  # distinct (batch prompts, prompt bucket) run
-
-
-def next_power_of_two(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def sampling_param_shardings(config: ModelConfig, mesh: Mesh) -> Any:
@@ -297,13 +278,16 @@ class Sampler:
                        chunk=chunk_size(sampling.max_new_tokens),
                        cache_dtype=sampling.cache_dtype, mesh=self.mesh)
 
-    def compile(self, prompts: Sequence[Prompt], sampling: SamplingConfig | None = None
-                ) -> float:
-        """Compiles every program `sample(prompts, sampling)` will run, by running one
-        sampling step per batch shape; returns the seconds it took."""
+    def compile(self, prompts: Sequence[Prompt], sampling: SamplingConfig | None = None,
+                engine: str = "auto") -> float:
+        """Compiles every program `sample(prompts, sampling, engine)` will run (running each
+        once on throwaway inputs); returns the seconds it took."""
         sampling = sampling or SamplingConfig()
         start = time.perf_counter()
         token_ids, _ = self.prepare(prompts, sampling)
+        if self.engine(engine, sampling, token_ids) == "continuous":
+            self.slot_engine(token_ids, sampling).compile(token_ids)
+            return time.perf_counter() - start
         program = self.program(sampling)
         done: set[tuple[int, int]] = set()
         try:
@@ -315,12 +299,70 @@ class Sampler:
             self._generated.clear()
         return time.perf_counter() - start
 
-    def sample(self, prompts: Sequence[Prompt], sampling: SamplingConfig | None = None
-               ) -> SamplingResult:
-        """K = `sampling.num_samples` responses for each prompt, in prompt order."""
+    # ------------------------------------------------------------------ continuous
+    def engine(self, engine: str, sampling: SamplingConfig, token_ids: list[list[int]]
+               ) -> str:
+        """The engine a call runs: "continuous" (decode slots refilled as rows finish) or
+        "static" (each batch decodes until its longest row stops). "auto" is static when
+        every (prompt, sample) gets a decode slot at once, else continuous: with nothing to
+        refill, one static batch shares each prompt's cache among its K samples and skips
+        the slot bookkeeping (BENCHMARKS.md, 16 prompts x K=8, 128 new tokens: static
+        340 tok/s, continuous 278); with a queue longer than the slots, refilling wins."""
+        if engine not in ENGINES:
+            raise ValueError(f"engine={engine!r}: expected one of {', '.join(ENGINES)}")
+        if engine != "auto":
+            return engine
+        plan = self.slot_engine(token_ids, sampling).plan
+        return "static" if len(token_ids) * sampling.num_samples <= plan.slots else "continuous"
+
+    def slot_engine(self, token_ids: list[list[int]], sampling: SamplingConfig) -> SlotEngine:
+        """The continuous-batching engine for these prompts, sized from the cache budget."""
+        dp = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        plan = plan_slots(self.config, [len(t) for t in token_ids], sampling.num_samples,
+                          sampling.max_new_tokens, sampling.cache_budget_bytes,
+                          sampling.cache_dtype, sampling.min_bucket, dp, sampling.max_slots)
+        program = SlotProgram(self.config, sampling.distribution, sampling.max_new_tokens,
+                              self.stop_ids(sampling), plan.capacity, plan.max_prompt,
+                              plan.staging_rows, min(CHUNK_STEPS, sampling.max_new_tokens),
+                              pad_id=self._pad_id(), cache_dtype=sampling.cache_dtype,
+                              mesh=self.mesh)
+        return SlotEngine(self.params, program, plan, self._put)
+
+    def _sample_slots(self, token_ids: list[list[int]], num_truncated: int,
+                      sampling: SamplingConfig, start: float) -> SamplingResult:
+        k = sampling.num_samples
+        samples: list[list[Sample | None]] = [[None] * k for _ in token_ids]
+        engine = self.slot_engine(token_ids, sampling)
+        with tqdm(total=len(token_ids) * k, unit="sample", desc="sampling",
+                  disable=bar_disabled(sampling.progress), dynamic_ncols=True) as bar:
+
+            def finished(row: Finished, stats: EngineStats) -> None:
+                samples[row.prompt_index][row.sample_index] = make_sample(
+                    self.tokenizer, row.prompt_index, row.sample_index, row.tokens,
+                    row.logprobs, row.stopped)
+                bar.update(1)
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(tok_s=f"{stats.generated_tokens / elapsed:.0f}",
+                                util=f"{stats.generated_tokens / max(1, stats.slot_steps):.0%}")
+
+            stats = engine.run(token_ids, k, sampling.seed, finished)
+        return SamplingResult(
+            samples=samples, prompt_token_ids=token_ids,  # type: ignore[arg-type]
+            num_truncated=num_truncated, num_generated_tokens=stats.generated_tokens,
+            seconds=time.perf_counter() - start, num_batches=stats.device_calls,
+            decode_steps=stats.decode_steps, shapes=[], engine="continuous",
+            slot_steps=stats.slot_steps)
+
+    # ------------------------------------------------------------------ static
+    def sample(self, prompts: Sequence[Prompt], sampling: SamplingConfig | None = None,
+               engine: str = "auto") -> SamplingResult:
+        """K = `sampling.num_samples` responses for each prompt, in prompt order. `engine`:
+        "auto", "continuous" or "static" (see `Sampler.engine`)."""
         sampling = sampling or SamplingConfig()
         start = time.perf_counter()
         token_ids, num_truncated = self.prepare(prompts, sampling)
+        if self.engine(engine, sampling, token_ids) == "continuous":
+            return self._sample_slots(token_ids, num_truncated, sampling, start)
         program = self.program(sampling)
         batches = self.plan([len(t) for t in token_ids], sampling)
         k = sampling.num_samples
@@ -350,14 +392,10 @@ class Sampler:
         total = 0
         for b, prompt_index in enumerate(indices):
             for j in range(k):
-                row = b * k + j
-                n = int(out["lengths"][row])
-                ids = np.asarray(out["tokens"][row, :n], np.int32)
-                text = "" if self.tokenizer is None else self.tokenizer.decode(
-                    ids.tolist(), skip_special_tokens=True).strip()
-                samples[prompt_index][j] = Sample(
-                    prompt_index, j, text, ids, np.asarray(out["logprobs"][row, :n], np.float32),
-                    "stop" if bool(out["stopped"][row]) else "length")
+                n = int(out["lengths"][b * k + j])
+                samples[prompt_index][j] = make_sample(
+                    self.tokenizer, prompt_index, j, out["tokens"][b * k + j, :n],
+                    out["logprobs"][b * k + j, :n], bool(out["stopped"][b * k + j]))
                 total += n
         return total
 

@@ -39,7 +39,7 @@ import numpy as np
 
 from dice_jax.errors import DiceError
 from dice_jax.fileio import atomic_file, read_json, read_jsonl, write_json, write_jsonl
-from dice_jax.sampling.sampler import SamplingResult
+from dice_jax.sampling.results import SamplingResult
 
 SAMPLES_JSONL = "samples.jsonl"
 SAMPLES_NPZ = "samples.npz"

@@ -1,6 +1,7 @@
 """Run by test_sampling.py through `helpers.run_on_cpu_devices` (8 simulated CPU devices).
 
-Samples from a tiny HF folder on one device and on two 8-device meshes and prints, as JSON,
+Samples from a tiny HF folder on one device and on two 8-device meshes (the continuous
+engine; the static one too on one device and on `data8`) and prints, as JSON,
 each run's tokens and log-probs, plus the placement of a weight and of the batch.
 """
 
@@ -21,11 +22,14 @@ def main(folder: str) -> None:
     cfg = SamplingConfig(num_samples=4, max_new_tokens=24, temperature=1.0, top_p=0.9,
                          top_k=30, seed=3, progress=False)
     result = {"devices": jax.device_count()}
-    for name, axes in [("single", None), ("data8", {"data": 8, "fsdp": 1, "tensor": 1}),
-                       ("d2f2t2", {"data": 2, "fsdp": 2, "tensor": 2})]:
+    for name, axes, engine in [
+            ("single", None, "continuous"), ("single_static", None, "static"),
+            ("data8", {"data": 8, "fsdp": 1, "tensor": 1}, "continuous"),
+            ("data8_static", {"data": 8, "fsdp": 1, "tensor": 1}, "static"),
+            ("d2f2t2", {"data": 2, "fsdp": 2, "tensor": 2}, "continuous")]:
         mesh = None if axes is None else make_mesh(axes)
         sampler = Sampler(params, config, mesh=mesh)
-        out = sampler.sample(rows, cfg)
+        out = sampler.sample(rows, cfg, engine=engine)
         result[name] = {
             "tokens": [[s.token_ids.tolist() for s in g] for g in out.samples],
             "logprobs": [[s.logprobs.tolist() for s in g] for g in out.samples],

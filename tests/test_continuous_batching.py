@@ -1,0 +1,160 @@
+"""The continuous-batching engine on tiny random HF models: the same samples as the static
+batches whatever the number of slots, a queue much longer than the slots, prompts of very
+different lengths, rows stopped by the token limit, few compiled programs, memory errors."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import save_hf, tiny_hf_model
+
+from dice_jax.checkpoints.hf import import_hf_folder
+from dice_jax.models.decoder import cache_bytes
+from dice_jax.models.slot_decode import slot_attention
+from dice_jax.sampling import Sampler, SamplingConfig
+from dice_jax.sampling import engine as slot_engine
+from dice_jax.sampling import slots as slot_programs
+from dice_jax.sampling.engine import attention_cost, grouped_order
+
+# 1 to 70 tokens: prompt buckets 16, 32 and 128 in one call.
+PROMPT_LENGTHS = [12, 7, 3, 70, 20, 5, 16, 1, 9]
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    folder = save_hf(tiny_hf_model("llama", initializer_range=0.3),
+                     str(tmp_path_factory.mktemp("llama")))
+    return import_hf_folder(folder)
+
+
+def prompts(seed=0, vocab=97):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, size=n).tolist() for n in PROMPT_LENGTHS]
+
+
+def flat(result):
+    return [s for group in result.samples for s in group]
+
+
+PROGRAMS = (slot_programs.prefill, slot_programs.insert, slot_programs.decode_chunk,
+            slot_programs.resize, slot_programs.permute)
+
+
+def compiled_programs():
+    return sum(f._cache_size() for f in PROGRAMS)
+
+
+def test_same_samples_from_one_three_and_many_slots(llama, monkeypatch):
+    params, config = llama
+    reorders = []
+    permute = slot_programs.permute
+
+    def counted_permute(cache, state, order, **kw):
+        reorders.append(np.asarray(order).tolist())
+        return permute(cache, state, order, **kw)
+
+    monkeypatch.setattr(slot_programs, "permute", counted_permute)
+    # Reorder whenever the order changes (short rows here rarely save a whole chunk), so
+    # the samples are checked across many reorders.
+    monkeypatch.setattr(slot_engine, "REORDER_GAIN", 0.0)
+    sampler = Sampler(params, config)
+    rows = prompts(seed=3)
+    # Two common stop ids: most rows stop early, at many different lengths; the rest run
+    # to the 80-token limit (two cache chunks of 64 past the 128-token prompt bucket).
+    cfg = SamplingConfig(num_samples=3, max_new_tokens=80, temperature=1.0, top_p=0.9,
+                         top_k=20, seed=7, stop_token_ids=(5, 9), progress=False)
+    static = sampler.sample(rows, cfg, engine="static")
+    before = compiled_programs()
+    runs = {n: sampler.sample(rows, dataclasses.replace(cfg, max_slots=n), engine="continuous")
+            for n in (1, 3, 24, None)}
+    # 24 slots: 4 attention groups, slots reordered by length (27 slots: every request at
+    # once, one group).
+    assert sum(order != sorted(order) for order in reorders) >= 2
+    # A handful of programs per slot count, not one per request (27 requests on 1 slot).
+    assert compiled_programs() - before <= 32
+    reference = flat(static)
+    finish = {s.finish_reason for s in reference}
+    assert finish == {"stop", "length"}
+    assert len({s.length for s in reference}) > 8
+    assert all(s.length == 80 for s in reference if s.finish_reason == "length")
+    for n, run in runs.items():
+        assert run.engine == "continuous"
+        assert run.num_generated_tokens == static.num_generated_tokens
+        for a, b in zip(reference, flat(run)):
+            assert (b.prompt_index, b.sample_index) == (a.prompt_index, a.sample_index)
+            assert b.token_ids.tolist() == a.token_ids.tolist(), (n, a.prompt_index)
+            assert b.finish_reason == a.finish_reason
+            # Slot decode (per-slot cache, chunked online softmax) against the static
+            # sampler's shared-prompt softmax: float32 sums reordered, 1e-4 on ~-5.
+            np.testing.assert_allclose(b.logprobs, a.logprobs, atol=1e-4)
+    # One slot, a queue of 27 requests: the slot never idles while requests are left.
+    assert runs[1].utilisation == 1.0
+    assert runs[1].slot_steps == runs[1].num_generated_tokens
+    assert 0 < runs[None].utilisation <= 1.0
+    assert runs[3].num_batches > len(rows)  # many refills, each a chunk of decode steps
+
+
+def test_budget_below_one_slot_names_the_prompt_and_sizes(llama):
+    params, config = llama
+    sampler = Sampler(params, config)
+    rows = prompts()
+    cfg = SamplingConfig(max_new_tokens=16, progress=False)
+    one_slot = cache_bytes(config, 1, 128 + 64) + config.vocab_size * 4
+    with pytest.raises(ValueError, match=r"below 1 decode slot\(s\) of \d+ bytes each: "
+                                         r"prompt 3 has 70 tokens \(bucket 128\)"):
+        sampler.sample(rows, dataclasses.replace(cfg, cache_budget_gb=one_slot / 2**30))
+    with pytest.raises(ValueError, match="engine='fast'"):
+        sampler.sample(rows, cfg, engine="fast")
+
+
+def test_grouped_slot_attention_matches_numpy():
+    """Grouped attention (chunks skipped past each group's longest slot) on 2 shards x 4
+    groups against a numpy softmax over each slot's own keys."""
+    rng = np.random.default_rng(0)
+    s, kv, h, d, block, chunks = 16, 2, 4, 8, 4, 5
+    k = rng.normal(size=(s, kv, block * chunks, d)).astype(np.float32)
+    v = rng.normal(size=(s, kv, block * chunks, d)).astype(np.float32)
+    q = rng.normal(size=(s, h, d)).astype(np.float32)
+    lengths = rng.integers(1, block * chunks + 1, size=s)
+    lengths[:8] = rng.integers(1, 3, size=8)  # a few groups need only chunk 0
+    split = [{"k": jnp.asarray(k[:, :, c * block:(c + 1) * block]),
+              "v": jnp.asarray(v[:, :, c * block:(c + 1) * block])} for c in range(chunks)]
+    got = np.asarray(slot_attention(jnp.asarray(q), split, jnp.asarray(lengths, jnp.int32),
+                                    None, 4, 2))
+    want = np.zeros_like(q)
+    for i in range(s):
+        for head in range(h):
+            group = head // (h // kv)
+            keys, values = k[i, group, :lengths[i]], v[i, group, :lengths[i]]
+            scores = keys @ q[i, head] / np.sqrt(d)
+            weights = np.exp(scores - scores.max())
+            want[i, head] = weights @ values / weights.sum()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_grouped_order_puts_similar_lengths_together():
+    lengths = [5, 900, 0, 300, 700, 10, 650, 20]
+    order = grouped_order(lengths, shards=2, groups=2)
+    assert sorted(order) == list(range(8))
+    # Ranks 0..7 (longest first) dealt over 2 shards: shard p slot j holds rank 2j + p.
+    ranked = sorted(range(8), key=lambda i: -lengths[i])
+    assert order == [ranked[0], ranked[2], ranked[4], ranked[6],
+                     ranked[1], ranked[3], ranked[5], ranked[7]]
+    # Keys read per step: group j is slots {p*4 + j*2 + i}: (0, 1, 4, 5) longest 900 -> 15
+    # chunks of 64, (2, 3, 6, 7) longest 650 -> 11 chunks; 4 slots each.
+    assert attention_cost(lengths, 2, 2, 64) == 4 * 64 * (15 + 11)
+    # Reordered: (900, 650, 700, 300) -> 15 chunks, (10, 0, 20, 5) -> 1 chunk.
+    assert attention_cost([lengths[i] for i in order], 2, 2, 64) == 4 * 64 * (15 + 1)
+
+
+def test_auto_engine_is_static_only_when_every_request_has_a_slot(llama):
+    params, config = llama
+    sampler = Sampler(params, config)
+    rows = prompts()
+    cfg = SamplingConfig(num_samples=2, max_new_tokens=16, progress=False)
+    assert sampler.engine("auto", cfg, rows) == "static"  # 18 requests, 18 slots
+    queued = dataclasses.replace(cfg, max_slots=8)
+    assert sampler.engine("auto", queued, rows) == "continuous"
+    assert sampler.engine("static", queued, rows) == "static"
+    assert sampler.sample(rows, queued).engine == "continuous"
