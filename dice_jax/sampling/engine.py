@@ -4,11 +4,12 @@
 fills every free slot from the queue (prefilling each new prompt once into a staging row,
 then copying it into the slots of its samples), runs the jitted `slots.decode_chunk` until
 enough slots are free again, retires the finished rows and refills. When the queue is empty
-the active slots move into a narrower set (half as wide, at most four times), so the tail of
-long rows does not pay for idle slots. Before each chunk the slots may be reordered longest
-first, so that each attention group holds slots of similar length and skips the cache
-chunks none of them has reached. All decisions are made on the host from the gathered
-chunk outputs, in a fixed order, so every process makes the same ones.
+the active slots move into a narrower set (half as wide; once per 256 new tokens a row may
+take, at most four times), so the tail of long rows does not pay for idle slots. Before
+each chunk the slots may be reordered longest first, so that each attention group holds
+slots of similar length and skips the cache chunks none of them has reached. All decisions
+are made on the host from the gathered chunk outputs, in a fixed order, so every process
+makes the same ones.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ CHUNK_STEPS = 64  # decode steps per device call at most (the host checks in bet
 MAX_STAGED_PROMPTS = 16  # new prompts prefilled per refill at most
 NARROWING = 2  # each narrower slot set is this many times smaller
 MAX_NARROWINGS = 4  # each narrower set is one more compiled decode program
+# One narrowing per this many new tokens a row may take: a shorter tail does not repay the
+# compile.
+NEW_TOKENS_PER_NARROWING = 256
 REORDER_GAIN = 0.1  # reorder the slots when that reads this fraction fewer keys a step
 
 
@@ -125,7 +129,8 @@ def plan_slots(config: Any, lengths: list[int], num_samples: int, max_new_tokens
     if slots < want:  # some requests wait: whole attention groups (all start at once: as is)
         slots = round_slots(slots, data_parallel)
     widths = [slots]
-    while len(widths) <= MAX_NARROWINGS and widths[-1] > data_parallel:
+    narrowings = min(MAX_NARROWINGS, max_new_tokens // NEW_TOKENS_PER_NARROWING)
+    while len(widths) <= narrowings and widths[-1] > data_parallel:
         narrower = round_slots(-(-(widths[-1] // NARROWING) // data_parallel) * data_parallel,
                                data_parallel)
         if narrower >= widths[-1] or narrower < 1:
