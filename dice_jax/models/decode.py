@@ -140,6 +140,31 @@ def _rope(x: Array, cos: Array, sin: Array) -> Array:
     return apply_rope(x[:, None], cos[:, None], sin[:, None])[:, 0]
 
 
+def step_inputs(config: ModelConfig, params: dict, tokens: Array, positions: Array
+                ) -> tuple[Array, Array, Array]:
+    """One token per row: embeddings `[n, embed]` of `tokens [n]` and the RoPE cos/sin
+    `[n, head_dim/2]` of `positions [n]`, in the compute dtype."""
+    dtype = jnp.dtype(config.dtype)
+    x = jnp.take(jnp.asarray(params["embed"], dtype), tokens, axis=0)
+    cos, sin = rope_cos_sin(positions[:, None], inverse_frequencies(
+        config.head_dim, config.rope_theta, config.rope_scaling))
+    return x, cos[:, 0], sin[:, 0]
+
+
+def step_logits(config: ModelConfig, params: dict, x: Array) -> Array:
+    """Final norm and LM head of one token per row: x `[n, embed]` -> float32 `[n, vocab]`.
+    Rounded through the compute dtype as `Decoder.logits` is (so a sampled token's log-prob
+    is the one the scorer gives it), then float32 for the log-softmax."""
+    dtype = jnp.dtype(config.dtype)
+    x = rms_norm(x, jnp.asarray(params["final_norm"], dtype), config.rms_norm_eps)
+    if config.tie_word_embeddings:
+        logits = jnp.einsum("ne,ve->nv", x, jnp.asarray(params["embed"], dtype))
+    else:
+        logits = jnp.einsum("ne,ev->nv", x, jnp.asarray(params["lm_head"], dtype))
+    return logits.astype(jnp.float32)
+
+
+
 def decode_step(config: ModelConfig, params: dict, layers: list[dict], tokens: Array,
                 positions: Array, slot: Array, prompt: list[Segment], prompt_mask: Array,
                 generated: list[list[Segment]]) -> tuple[Array, list[list[Segment]]]:
@@ -152,7 +177,6 @@ def decode_step(config: ModelConfig, params: dict, layers: list[dict], tokens: A
     `layers` is `split_layers(...)`. prompt_mask `[B, P]` 0/1 marks real prompt slots.
     The sliding window, if any, is measured in slots: prompt slot s is P + slot - s away.
     """
-    dtype = jnp.dtype(config.dtype)
     p_len = prompt_mask.shape[1]
     chunk = generated[0][0]["k"].shape[2]
     prompt_allowed = prompt_mask.astype(bool)
@@ -163,20 +187,10 @@ def decode_step(config: ModelConfig, params: dict, layers: list[dict], tokens: A
         prompt_allowed &= (p_len + slot - jnp.arange(p_len))[None, :] < w
         chunk_allowed = [a & ((slot - slots) < w) for a, slots in zip(chunk_allowed, chunk_slots)]
     offset = slot - (len(generated[0]) - 1) * chunk
-    x = jnp.take(jnp.asarray(params["embed"], dtype), tokens, axis=0)
-    cos, sin = rope_cos_sin(positions[:, None], inverse_frequencies(
-        config.head_dim, config.rope_theta, config.rope_scaling))
-    cos, sin = cos[:, 0], sin[:, 0]
+    x, cos, sin = step_inputs(config, params, tokens, positions)
     new_generated = []
     for lp, pseg, chunks in zip(layers, prompt, generated):
         x, chunks = _layer_step(config, lp, x, cos, sin, pseg, chunks, offset, prompt_allowed,
                                 chunk_allowed)
         new_generated.append(chunks)
-    x = rms_norm(x, jnp.asarray(params["final_norm"], dtype), config.rms_norm_eps)
-    # Rounded through the compute dtype as `Decoder.logits` is (so a sampled token's
-    # log-prob is the one the scorer gives it), then float32 for the log-softmax.
-    if config.tie_word_embeddings:
-        logits = jnp.einsum("ne,ve->nv", x, jnp.asarray(params["embed"], dtype))
-    else:
-        logits = jnp.einsum("ne,ev->nv", x, jnp.asarray(params["lm_head"], dtype))
-    return logits.astype(jnp.float32), new_generated
+    return step_logits(config, params, x), new_generated

@@ -22,9 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from dice_jax.models.config import ModelConfig
-from dice_jax.models.decode import Segment, _rope
+from dice_jax.models.decode import Segment, _rope, step_inputs, step_logits
 from dice_jax.models.decoder import _MASKED, rms_norm
-from dice_jax.models.rope import inverse_frequencies, rope_cos_sin
 
 Array = jax.Array
 
@@ -157,19 +156,9 @@ def slot_decode_step(config: ModelConfig, params: dict, layers: list[dict], toke
     next-token logits `[S, vocab]` and the updated per-layer caches. `layers` is
     `decode.split_layers(...)`; `params` supplies the embeddings and the final norm;
     `groups` / `shards` as in `slot_attention`."""
-    dtype = jnp.dtype(config.dtype)
-    x = jnp.take(jnp.asarray(params["embed"], dtype), tokens, axis=0)
-    cos, sin = rope_cos_sin(lengths[:, None], inverse_frequencies(
-        config.head_dim, config.rope_theta, config.rope_scaling))
-    cos, sin = cos[:, 0], sin[:, 0]
+    x, cos, sin = step_inputs(config, params, tokens, lengths)
     new_cache = []
     for lp, segment in zip(layers, cache):
         x, segment = _slot_layer(config, lp, x, cos, sin, segment, lengths, groups, shards)
         new_cache.append(segment)
-    x = rms_norm(x, jnp.asarray(params["final_norm"], dtype), config.rms_norm_eps)
-    # Rounded through the compute dtype as `Decoder.logits` is, then float32.
-    if config.tie_word_embeddings:
-        logits = jnp.einsum("se,ve->sv", x, jnp.asarray(params["embed"], dtype))
-    else:
-        logits = jnp.einsum("se,ev->sv", x, jnp.asarray(params["lm_head"], dtype))
-    return logits.astype(jnp.float32), new_cache
+    return step_logits(config, params, x), new_cache
