@@ -121,6 +121,11 @@ class RunConfig:
             raise ConfigError("config.model.reference: DICE scores round 1 with pi_ref(0): "
                               "set model.reference (the model the start policy was "
                               "DPO-tuned from) or round0=True")
+        if (self.method == "dice" and self.dice.guard.min_heldout_accuracy > 0
+                and self.data.eval_pairs == 0):
+            raise ConfigError("config.dice.guard.min_heldout_accuracy: the guard measures the "
+                              "implicit reward on held-out pairs, but data.eval_pairs is 0; "
+                              "hold some out or set the guard to 0")
         k = self.sampling.num_samples
         if k < 2:
             raise ConfigError(f"config.sampling.num_samples: K={k}; a pair needs at least 2 "

@@ -39,6 +39,7 @@ def collect_run(run_dir: str) -> dict[str, Any]:
     if loss != "sigmoid":
         label += f" ({loss.upper()})"
     evals: dict[int, dict[str, Any]] = {}
+    health: dict[int, dict[str, Any]] = {}
     for name in sorted(os.listdir(run_dir)):
         match = re.fullmatch(r"round_(\d+)", name)
         stage = -1 if name == "start" else int(match.group(1)) if match else None
@@ -49,11 +50,16 @@ def collect_run(run_dir: str) -> dict[str, Any]:
             if missing:
                 raise DiceError(f"{path}: greedy metrics lack {missing}")
             evals[stage] = metrics
+        stats_path = os.path.join(run_dir, name, "data", "stats.json")
+        if match and os.path.isfile(stats_path):
+            stats = read_json(stats_path)
+            health[int(match.group(1))] = dict(stats.get("reward_health", {}),
+                                               guard=stats.get("guard", {}).get("action"))
     if not evals:
         raise DiceError(f"{run_dir}: no evaluations found (expected start/eval/metrics.json "
                         "or round_N/eval/metrics.json; run `python -m dice_jax.evaluate`)")
     return {"label": label, "dir": run_dir, "round0": bool(config.get("round0")),
-            "evals": evals}
+            "evals": evals, "health": health}
 
 
 def _fmt(metrics: dict[str, Any] | None) -> list[str]:
@@ -90,6 +96,34 @@ def table_rows(runs: list[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
+def _num(value: Any, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def health_rows(runs: list[dict[str, Any]]) -> list[list[str]]:
+    """Rows of [method, iter, held-out acc., margin, judge tau, judge pair agree /
+    disagree / tie, length corr. raw -> shaped, guard] for every round with a data stage."""
+    rows = []
+    for run in runs:
+        for t in sorted(run["health"]):
+            h = run["health"][t]
+            pairs = h.get("judge_pair_agreement") or {}
+            verdicts = ("-" if pairs.get("agree") is None else
+                        f"{pairs['agree']:.2f} / {pairs['disagree']:.2f} / {pairs['tie']:.2f}")
+            rows.append([run["label"], str(t), _num(h.get("heldout_implicit_accuracy")),
+                         _num(h.get("heldout_margin"), ".4g"),
+                         _num((h.get("judge_rank_agreement") or {}).get("kendall_tau")),
+                         verdicts,
+                         f"{_num(h.get('length_correlation_raw'), '.2f')} -> "
+                         f"{_num(h.get('length_correlation_shaped'), '.2f')}",
+                         h.get("guard") or "-"])
+    return rows
+
+
+def stage_label(stage: int) -> str:
+    return "start" if stage < 0 else f"round {stage}"
+
+
 def write_report(run_dirs: list[str], out: str) -> str:
     """Writes the Markdown table to `out` and PNG plots beside it; returns the Markdown."""
     import matplotlib
@@ -105,17 +139,32 @@ def write_report(run_dirs: list[str], out: str) -> str:
              "lengths are mean characters per response.", "", header,
              "|" + "---|" * 8]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(runs)]
+    health = health_rows(runs)
+    if health:
+        lines += ["", "## Is the implicit reward any good?", "",
+                  "Measured before each round's data is built, with the reward that labels "
+                  "it: accuracy and mean margin on held-out preference pairs; where the "
+                  "prompts carry a verifiable judge, Kendall's tau with its scores (mean per "
+                  "prompt) and its verdict on the round's pairs (chosen better / worse / "
+                  "equal); the within-prompt correlation of the reward with length before "
+                  "and after shaping with alpha*; what the guard did.", "",
+                  "| method | iter | held-out acc. | held-out margin | judge tau | "
+                  "judge on pairs | length corr. | guard |", "|" + "---|" * 8]
+        lines += ["| " + " | ".join(row) + " |" for row in health]
     lines += ["", "Runs: " + ", ".join(f"`{r['dir']}` ({r['label']})" for r in runs), ""]
     stem = os.path.splitext(out)[0]
+    # Rounds on a categorical axis: start, round 0, round 1, ... (each at its own tick).
+    order = sorted({s for run in runs for s in run["evals"]})
     for key, ylabel, suffix in (("prompt_level_strict", "prompt-level strict accuracy",
                                  "accuracy"), ("mean_length", "mean length (chars)", "length")):
         fig, ax = plt.subplots(figsize=(6.5, 4))
         for run in runs:
             stages = sorted(run["evals"])
-            ax.plot([max(s, 0) if s >= 0 else -0.5 for s in stages],
+            ax.plot([order.index(s) for s in stages],
                     [run["evals"][s]["greedy"][key] for s in stages], marker="o",
                     label=run["label"])
-        ax.set_xlabel("round (-0.5: start model, 0: after round-0 offline DPO)")
+        ax.set_xticks(range(len(order)), [stage_label(s) for s in order])
+        ax.set_xlabel("policy")
         ax.set_ylabel(f"{ylabel}, greedy")
         ax.set_title(f"{ylabel.capitalize()} per round", fontsize=10)
         ax.legend(fontsize=8)

@@ -17,6 +17,7 @@ import numpy as np
 
 from dice_jax.data import normalise_row
 from dice_jax.dice.alpha_search import AlphaSearchConfig, AlphaSearchResult, search_alpha
+from dice_jax.dice.diagnostics import GuardConfig, round_diagnostics
 from dice_jax.dice.filters import FilterConfig, valid_responses
 from dice_jax.dice.replay import mix_replay
 from dice_jax.dice.rewards import (
@@ -51,6 +52,7 @@ class DiceDataConfig:
                         "derives its own)")
     filters: FilterConfig = setting(factory=FilterConfig, help="which samples may pair")
     search: AlphaSearchConfig = setting(factory=AlphaSearchConfig, help="alpha* search")
+    guard: GuardConfig = setting(factory=GuardConfig, help="held-out check of the reward")
 
     def __post_init__(self) -> None:
         check_settings(self, "dice.")
@@ -124,12 +126,14 @@ def _pair_gaps(lengths, chosen, rejected, is_pair) -> np.ndarray:
 
 def build_round_data(samples: ScoredSamples, offline: list[dict[str, Any]],
                      config: DiceDataConfig, judge_scores: np.ndarray | None = None,
-                     judge_drops: Counter | None = None) -> RoundData:
+                     judge_drops: Counter | None = None,
+                     gold_scores: np.ndarray | None = None) -> RoundData:
     """Rewards (Eq. 4), filters, alpha* (Eq. 9), D(alpha*) (Eq. 8 pairs), replay mix.
 
     With `judge_scores [P, K]` (the LLM-as-a-judge baseline) those scores replace the
     implicit reward and alpha is fixed at 0: no length shaping. NaN scores (unparseable
-    judgements) are dropped and counted.
+    judgements) are dropped and counted. `gold_scores [P, K]` (a verifiable judge's, NaN
+    where a prompt has none) only feed `stats["reward_health"]`.
     """
     samples.validate()
     if judge_scores is None:
@@ -210,8 +214,17 @@ def build_round_data(samples: ScoredSamples, offline: list[dict[str, Any]],
         "replay": {"gamma": config.gamma, "num_generated": mix.num_generated,
                    "num_offline": mix.num_offline,
                    "offline_shortfall": mix.offline_shortfall, "num_rows": len(mixed)},
+        "reward_health": round_diagnostics(reward, shaped, lengths, valid,
+                                           (chosen, rejected, is_pair), gold_scores),
     }
     return RoundData(rows, pairs, mixed, search, stats, before, after, reward, lengths, valid)
+
+
+def offline_only(offline: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """D_offline in D_t's row format: what a round whose reward failed the guard trains
+    on (`dice.guard.action=offline`)."""
+    return [_uniform_row(dict(normalise_row(row, j), source="offline"))
+            for j, row in enumerate(offline)]
 
 
 _META = ("prompt_index", "chosen_index", "rejected_index", "chosen_reward", "rejected_reward",

@@ -36,7 +36,7 @@ from dice_jax.errors import ConfigError
 from dice_jax.fileio import atomic_directory, atomic_write_text, read_json, write_json
 
 # Keys a resumed run may change without invalidating completed stages.
-RESUME_MUTABLE_KEYS = ("rounds", "export_hf_each_round")
+RESUME_MUTABLE_KEYS = ("rounds", "export_hf_each_round", "dice.guard.")
 SHARED_TOKEN = ".shared-folder-token"  # multi-host: proves process 0's folder is everyone's
 
 

@@ -45,6 +45,7 @@ class DiceRun:
         self.folder = RunFolder(config.run_dir, config.to_dict())
         self.models = RoundModels(config, self.folder, self.mesh)
         self._offline: list[dict[str, Any]] | None = None
+        self._split: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None
 
     # ------------------------------------------------------------------ inputs
     @property
@@ -57,6 +58,23 @@ class DiceRun:
             log.info("D_offline: %d pairs, %d prompts from %s", len(self._offline),
                      len(stages.unique_prompts(self._offline)), d.offline)
         return self._offline
+
+    @property
+    def heldout(self) -> list[dict[str, Any]]:
+        """D_offline's held-out pairs: the split round 0's training holds out, which no
+        round trains on (replay and the guard's fallback draw from the rest); the data
+        stage checks the implicit reward on them."""
+        return self._offline_split()[1]
+
+    @property
+    def offline_train(self) -> list[dict[str, Any]]:
+        return self._offline_split()[0]
+
+    def _offline_split(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        if self._split is None:
+            self._split = stages.holdout_split(self.offline, self.config.data.eval_pairs,
+                                               self.round_seed(0))
+        return self._split
 
     def round_seed(self, t: int) -> int:
         """Each round's seed for sampling, data order and search: distinct, reproducible."""
@@ -116,7 +134,8 @@ class DiceRun:
         sample_name, score_name = f"round_{t}/sample", f"round_{t}/score"
         judge_name, data_name = f"round_{t}/judge", f"round_{t}/data"
         policy, reference = self.models.policy_source(t - 1), self.models.reference_source(t - 1)
-        sampling, data_config, _ = stages.round_settings(c, self.round_seed(t), self.progress)
+        sampling, data_config, train_config = stages.round_settings(c, self.round_seed(t),
+                                                                    self.progress)
 
         def sample(folder: str) -> dict[str, Any]:
             self.models.ensure_loaded()
@@ -139,20 +158,27 @@ class DiceRun:
 
         def score(folder: str) -> dict[str, Any]:
             self.models.ensure_loaded()
-            policy_params = None if c.dice.reuse_sampler_logps else self.models.load(policy)
+            policy_params = self.models.load(policy)
+            heldout = stages.HeldoutPairs(self.heldout, policy_params, self.models.tokenizer,
+                                          train_config)
             return stages.score_stage(folder, score_name, sample_dir,
-                                      self.models.model_config, policy_params,
+                                      self.models.model_config,
+                                      None if c.dice.reuse_sampler_logps else policy_params,
                                       self.models.load(reference), self.mesh,
-                                      c.dice.reuse_sampler_logps, c.dice.score_batch_size)
+                                      c.dice.reuse_sampler_logps, c.dice.score_batch_size,
+                                      heldout)
 
         score_dir = self._stage(score_name, score)
 
         def build(folder: str) -> dict[str, Any]:
             scored, _ = stages.read_scored(sample_dir, score_dir)
-            return stages.data_stage(folder, scored, self.offline,
-                                     data_config, judge)
+            return stages.data_stage(folder, scored, self.offline_train, data_config, judge,
+                                     stages.read_heldout(score_dir), t, self.offline)
 
         data_dir = self._stage(data_name, build)
+        if self.folder.info(data_name).get("guard_action") == "offline":
+            log.warning("round %d trains on D_offline: its implicit reward failed the "
+                        "held-out check (dice.guard.action=offline)", t)
         self._train(t, lambda: stages.read_mixed(data_dir), None)
 
     def _finish_round(self, t: int) -> None:

@@ -72,6 +72,35 @@ def _eval_lines(metrics: dict[str, Any] | None, previous: dict[str, Any] | None)
     return lines
 
 
+def _health_lines(stats: dict[str, Any]) -> list[str]:
+    """The reward-health section (`dice_jax.dice.diagnostics`), when the stage measured it."""
+    h = stats.get("reward_health")
+    if not h:
+        return []
+    lines = ["## Is the implicit reward any good?", ""]
+    if h.get("heldout_implicit_accuracy") is not None:
+        lines.append(f"- held-out preference pairs ({h['heldout_pairs']}): the reward ranks "
+                     f"{h['heldout_implicit_accuracy']:.3f} correctly, mean margin "
+                     f"{h['heldout_margin']:.4g}")
+    tau = (h.get("judge_rank_agreement") or {}).get("kendall_tau")
+    if tau is not None:
+        lines.append(f"- verifiable judge on this round's samples: Kendall tau {tau:.3f} "
+                     f"(mean over {h['judge_rank_agreement']['prompts']} prompts)")
+    pairs = h.get("judge_pair_agreement") or {}
+    if pairs.get("agree") is not None:
+        lines.append(f"- the judge on the {pairs['pairs']} pairs: chosen better "
+                     f"{pairs['agree']:.2f}, worse {pairs['disagree']:.2f}, equal "
+                     f"{pairs['tie']:.2f}")
+    corr = [h.get("length_correlation_raw"), h.get("length_correlation_shaped")]
+    lines.append("- reward vs length, within prompts: " + " before shaping, ".join(
+        "-" if c is None else f"{c:.3f}" for c in corr) + " after")
+    guard = stats.get("guard", {})
+    if guard.get("action") == "offline":
+        lines.append(f"- below dice.guard.min_heldout_accuracy="
+                     f"{guard['min_heldout_accuracy']:g}: this round trained on D_offline")
+    return [*lines, ""]
+
+
 def write_round_report(run_dir: str, round_index: int, folder: str, method: str) -> str:
     """Writes `folder/report.md` (+ `training_curves.png`) for round `round_index`."""
     name = f"round_{round_index}"
@@ -98,6 +127,7 @@ def write_round_report(run_dir: str, round_index: int, folder: str, method: str)
             f"- mean implicit-reward margin of the pairs: {stats['reward_margin_mean']:.4g}",
             "", "![length gap](../data/length_gap.png)",
             "![alpha search](../data/alpha_search.png)", ""]
+        lines += _health_lines(stats)
     if records:
         plot_training_curves(records, f"{name}: DPO training",
                              os.path.join(folder, "training_curves.png"))

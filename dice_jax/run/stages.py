@@ -29,22 +29,27 @@ from dice_jax.checkpoints.orbax_io import is_checkpoint, save_checkpoint
 from dice_jax.config import RunConfig
 from dice_jax.data import load_eval_prompts, prompt_text, split_holdout
 from dice_jax.dice.artifacts import MIXED_FILE, write_round_files
-from dice_jax.dice.builder import DiceDataConfig, ScoredSamples, build_round_data
+from dice_jax.dice.builder import DiceDataConfig, ScoredSamples, build_round_data, offline_only
+from dice_jax.dice.diagnostics import heldout_accuracy
 from dice_jax.dice.llm_judge import judge_prompt, judge_scores
 from dice_jax.dice.scoring import score_samples, scored_samples
 from dice_jax.distributed import agree, is_writer
 from dice_jax.errors import DiceError
 from dice_jax.evaluation import MODES, EvalConfig, evaluate_policy
 from dice_jax.fileio import atomic_file, read_json, read_jsonl, write_json, write_jsonl
+from dice_jax.judge.score import score_response
 from dice_jax.models.config import ModelConfig
 from dice_jax.run.faults import kill_point
 from dice_jax.run.metrics import MetricsWriter
 from dice_jax.sampling.sampler import Sampler, SamplingConfig
 from dice_jax.sampling.store import load_samples, save_samples
+from dice_jax.sharding import DEFAULT_RULES, batch_sharding, put_process_local
 from dice_jax.training import DPOTrainer, TrainConfig, tokenize_pairs
 from dice_jax.training.data import PairArrays
+from dice_jax.training.loop import compiled_steps, compute_reference_logps
 
 SCORES_FILE = "scores.npz"
+HELDOUT_FILE = "heldout.npz"  # the held-out pairs' log-probs under both models
 
 
 # ---------------------------------------------------------------------- settings
@@ -86,16 +91,74 @@ def sample_stage(folder: str, stage: str, params: Any, model_config: ModelConfig
 
 def score_stage(folder: str, stage: str, sample_folder: str, model_config: ModelConfig,
                 policy_params: Any, reference_params: Any, mesh: Mesh,
-                reuse_policy_logps: bool, batch_size: int) -> dict[str, Any]:
-    """Algorithm 1, line 4 (first half): log pi and log pi_ref of every sample."""
+                reuse_policy_logps: bool, batch_size: int,
+                heldout: HeldoutPairs | None = None) -> dict[str, Any]:
+    """Algorithm 1, line 4 (first half): log pi and log pi_ref of every sample; with
+    `heldout`, also of the held-out preference pairs (`HELDOUT_FILE`), under the same two
+    models, for the data stage's reward check."""
     samples = load_samples(sample_folder)
     start = time.perf_counter()
     scored = score_samples(samples, model_config, reference_params, policy_params, mesh=mesh,
                            batch_size=batch_size, reuse_policy_logps=reuse_policy_logps)
     write_scores(folder, scored)
+    info: dict[str, Any] = {}
+    if heldout is not None and heldout.rows:
+        logps = heldout_logps(heldout, model_config, reference_params, mesh)
+        with atomic_file(os.path.join(folder, HELDOUT_FILE), "wb") as f:
+            np.savez(f, **logps)
+        info["heldout_pairs"] = int(logps["logp_policy"].shape[0])
     kill_point(f"{stage}:written")
     return {"seconds": round(time.perf_counter() - start, 2),
-            "responses": int(scored.logp_policy.size)}
+            "responses": int(scored.logp_policy.size), **info}
+
+
+@dataclasses.dataclass
+class HeldoutPairs:
+    """Preference pairs no round trains on, with what scoring them needs: the policy that
+    labels the round, the tokenizer and the DPO settings (truncation, batch size)."""
+
+    rows: list[dict[str, Any]]
+    policy_params: Any
+    tokenizer: Any
+    train: TrainConfig
+
+
+def heldout_logps(heldout: HeldoutPairs, model_config: ModelConfig, reference_params: Any,
+                  mesh: Mesh) -> dict[str, np.ndarray]:
+    """Summed response log-probs `[H, 2]` (chosen, rejected) of the held-out pairs under
+    the policy and the reference: the DPO trainer's own tokenisation and forward."""
+    cfg = heldout.train
+    data, stats = tokenize_pairs(
+        heldout.rows, heldout.tokenizer, max_length=cfg.max_length,
+        max_prompt_length=cfg.max_prompt_length, truncation_mode=cfg.truncation_mode,
+        config_eos=model_config.eos_token_ids, pad_to_multiple=cfg.pad_to_multiple)
+    if len(data) == 0:
+        raise DiceError(f"no usable held-out pair ({stats.summary()})")
+    rules = tuple(DEFAULT_RULES)
+    logps_step = compiled_steps(model_config, cfg, mesh, rules)[4]
+    try:
+        layout = data.split_lengths() if cfg.shared_prompt else None
+    except DiceError:
+        layout = None  # some pair's rows differ in their prompt: every row runs whole
+
+    def put(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+        return {k: put_process_local(v, batch_sharding(mesh, v.shape, 0, rules), 0)
+                for k, v in arrays.items()}
+
+    size = cfg.eval_batch_size or cfg.micro_batch_size
+    return {name: compute_reference_logps(logps_step, params, data, size, put, False, layout)
+            for name, params in (("logp_policy", heldout.policy_params),
+                                 ("logp_reference", reference_params))}
+
+
+def read_heldout(score_folder: str) -> dict[str, np.ndarray] | None:
+    """The held-out pairs' log-probs of a score stage, or None (none were held out, or a
+    run folder from before the check)."""
+    path = os.path.join(score_folder, HELDOUT_FILE)
+    if not os.path.isfile(path):
+        return None
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
 
 
 def write_scores(folder: str, scored: ScoredSamples, **extra: np.ndarray) -> None:
@@ -166,18 +229,82 @@ def read_judge_scores(judge_folder: str) -> tuple[np.ndarray, dict[str, int]]:
 
 
 def data_stage(folder: str, scored: ScoredSamples, offline: list[dict[str, Any]],
-               data_config: DiceDataConfig, judge: tuple[np.ndarray, dict] | None = None
-               ) -> dict[str, Any]:
-    """Algorithm 1, lines 4-5: rewards, alpha*, D(alpha*), replay mix -> D_t."""
+               data_config: DiceDataConfig, judge: tuple[np.ndarray, dict] | None = None,
+               heldout: dict[str, np.ndarray] | None = None, round_index: int = 0,
+               prompt_rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Algorithm 1, lines 4-5: rewards, alpha*, D(alpha*), replay mix -> D_t, after the
+    reward's health check (`dice.diagnostics`): below `dice.guard.min_heldout_accuracy`
+    the round stops (DiceError, exit code 2) or, with `dice.guard.action=offline`, its
+    D_t is D_offline. `offline`: the rows replay may draw (none held out); `prompt_rows`
+    (default `offline`): rows whose instructions the verifiable judge checks."""
+    guard = data_config.guard
+    health = (heldout_accuracy(heldout["logp_policy"], heldout["logp_reference"],
+                               data_config.scale) if heldout is not None else None)
+    tripped = guard.tripped(None if health is None else health["accuracy"])
+    if tripped and guard.action == "stop":
+        raise DiceError(
+            f"round {round_index}: the implicit reward ranks {health['accuracy']:.3f} of "
+            f"{health['pairs']} held-out preference pairs correctly (mean margin "
+            f"{health['margin']:.4g}), below dice.guard.min_heldout_accuracy="
+            f"{guard.min_heldout_accuracy:g}; it would label this round's data no better "
+            "than chance. Run the same command with --config.dice.guard.action=offline "
+            "(train this round on D_offline) or a lower --config.dice.guard."
+            "min_heldout_accuracy to go on")
     data = build_round_data(scored, offline, data_config,
                             judge_scores=None if judge is None else judge[0],
-                            judge_drops=None if judge is None else Counter(judge[1]))
-    write_round_files(data, folder)
+                            judge_drops=None if judge is None else Counter(judge[1]),
+                            gold_scores=gold_scores(scored, prompt_rows or offline))
     s = data.stats
+    if health is not None:
+        s["reward_health"] = {"heldout_implicit_accuracy": health["accuracy"],
+                              "heldout_margin": health["margin"],
+                              "heldout_pairs": health["pairs"], **s["reward_health"]}
+    s["guard"] = {"min_heldout_accuracy": guard.min_heldout_accuracy,
+                  "action": guard.action if tripped else "none"}
+    if tripped:  # action "offline": D_t is D_offline; D(alpha*) stays for inspection
+        data.mixed = offline_only(offline)
+        s["replay"] = dict(s["replay"], num_generated=0, num_offline=len(data.mixed),
+                           num_rows=len(data.mixed))
+    write_round_files(data, folder)
+    writer = MetricsWriter(folder, prefix="reward_health", jsonl=False)
+    try:
+        writer.write({"step": round_index, **flat_figures(s["reward_health"])})
+    finally:
+        writer.close()
     return {"alpha_star": s["alpha_star"], "num_pairs": s["num_pairs"],
-            "num_rows": s["replay"]["num_rows"],
+            "num_rows": len(data.mixed),
             "mean_length_gap_before": s["mean_length_gap_before"],
-            "mean_length_gap_after": s["mean_length_gap_after"]}
+            "mean_length_gap_after": s["mean_length_gap_after"],
+            "heldout_implicit_accuracy": None if health is None else health["accuracy"],
+            "guard_action": s["guard"]["action"]}
+
+
+def flat_figures(health: dict[str, Any]) -> dict[str, float]:
+    """The numeric figures of `stats["reward_health"]`, nested names joined by '/'."""
+    out: dict[str, float] = {}
+    for key, value in health.items():
+        if isinstance(value, dict):
+            out.update({f"{key}/{k}": v for k, v in flat_figures(value).items()})
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[key] = float(value)
+    return out
+
+
+def gold_scores(scored: ScoredSamples, offline: list[dict[str, Any]]) -> np.ndarray | None:
+    """The verifiable judge's score `[P, K]` of every sample whose prompt carries
+    instructions in D_offline (NaN elsewhere); None when no prompt does."""
+    judged = {}
+    for row in offline:
+        if row.get("instruction_ids") and isinstance(row.get("prompt"), str):
+            judged.setdefault(row["prompt"], row)
+    if not judged:
+        return None
+    gold = np.full(np.shape(scored.logp_policy), np.nan, np.float64)
+    for i, prompt in enumerate(scored.prompts):
+        row = judged.get(prompt) if isinstance(prompt, str) else None
+        if row is not None:
+            gold[i] = [score_response(row, text).score for text in scored.responses[i]]
+    return gold if np.isfinite(gold).any() else None
 
 
 def read_mixed(data_folder: str) -> list[dict[str, Any]]:
@@ -186,12 +313,18 @@ def read_mixed(data_folder: str) -> list[dict[str, Any]]:
     return rows
 
 
+def holdout_split(rows: list[dict[str, Any]], eval_pairs: int, seed: int
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train, held-out) rows: `eval_pairs` seeded rows held out (at most a fifth)."""
+    num_eval = min(eval_pairs, len(rows) // 5)
+    return split_holdout(rows, num_eval, seed) if num_eval else (rows, [])
+
+
 def tokenized_split(rows: list[dict[str, Any]], tokenizer: Any, model_config: ModelConfig,
                     cfg: TrainConfig, eval_pairs: int, seed: int
                     ) -> tuple[PairArrays, PairArrays | None, dict[str, Any]]:
     """Held-out split (seeded) and tokenisation of a round's training rows."""
-    num_eval = min(eval_pairs, len(rows) // 5)
-    train_rows, eval_rows = split_holdout(rows, num_eval, seed) if num_eval else (rows, [])
+    train_rows, eval_rows = holdout_split(rows, eval_pairs, seed)
     kwargs = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                   truncation_mode=cfg.truncation_mode, config_eos=model_config.eos_token_ids,
                   pad_to_multiple=cfg.pad_to_multiple)
