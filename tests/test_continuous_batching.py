@@ -105,7 +105,8 @@ def test_budget_below_one_slot_names_the_prompt_and_sizes(llama):
     one_slot = cache_bytes(config, 1, 128 + 64) + config.vocab_size * 4
     with pytest.raises(ValueError, match=r"below 1 decode slot\(s\) of \d+ bytes each: "
                                          r"prompt 3 has 70 tokens \(bucket 128\)"):
-        sampler.sample(rows, dataclasses.replace(cfg, cache_budget_gb=one_slot / 2**30))
+        sampler.sample(rows, dataclasses.replace(cfg, cache_budget_gb=one_slot / 2**30),
+                       engine="continuous")
     with pytest.raises(ValueError, match="engine='fast'"):
         sampler.sample(rows, cfg, engine="fast")
 
@@ -150,13 +151,19 @@ def test_grouped_order_puts_similar_lengths_together():
     assert attention_cost([lengths[i] for i in order], 2, 2, 64) == 4 * 64 * (15 + 1)
 
 
-def test_auto_engine_is_static_only_when_every_request_has_a_slot(llama):
+def test_auto_engine_is_continuous_only_for_a_queue_of_long_requests(llama):
+    from dice_jax.sampling.sampler import STATIC_MAX_NEW_TOKENS
+
     params, config = llama
     sampler = Sampler(params, config)
     rows = prompts()
-    cfg = SamplingConfig(num_samples=2, max_new_tokens=16, progress=False)
+    cfg = SamplingConfig(num_samples=2, max_new_tokens=STATIC_MAX_NEW_TOKENS + 1,
+                         progress=False)
     assert sampler.engine("auto", cfg, rows) == "static"  # 18 requests, 18 slots
     queued = dataclasses.replace(cfg, max_slots=8)
     assert sampler.engine("auto", queued, rows) == "continuous"
     assert sampler.engine("static", queued, rows) == "static"
-    assert sampler.sample(rows, queued).engine == "continuous"
+    short = dataclasses.replace(queued, max_new_tokens=STATIC_MAX_NEW_TOKENS)
+    assert sampler.engine("auto", short, rows) == "static"
+    assert sampler.engine("continuous", short, rows) == "continuous"
+    assert sampler.sample(rows, dataclasses.replace(short, max_new_tokens=8)).engine == "static"

@@ -170,7 +170,7 @@ def test_gold_scores_are_the_judges_verdicts_recorded_with_the_builtin_pairs():
     rows = load_preference_data("builtin:smollm2", max_rows=6, seed=0)
     texts = [[r["chosen"], r["rejected"]] for r in rows]
     scored = ScoredSamples(prompts=[r["prompt"] for r in rows] + ["a prompt with no judge"],
-                           responses=texts + [["x", "y"]], token_counts=np.ones((7, 2)),
+                           responses=[*texts, ["x", "y"]], token_counts=np.ones((7, 2)),
                            finish_reasons=[["stop", "stop"]] * 7,
                            logp_policy=np.zeros((7, 2)), logp_reference=np.zeros((7, 2)))
     gold = gold_scores(scored, rows)

@@ -41,6 +41,7 @@ from dice_jax.settings import check_settings, section, setting
 from dice_jax.sharding import logical_to_spec, param_shardings
 
 log = logging.getLogger("dice_jax.sampling")
+STATIC_MAX_NEW_TOKENS = 256  # "auto" runs static batches up to this many new tokens
 ENGINES = ("auto", "continuous", "static")
 Prompt = str | Sequence[dict] | Sequence[int]
 
@@ -304,14 +305,18 @@ class Sampler:
                ) -> str:
         """The engine a call runs: "continuous" (decode slots refilled as rows finish) or
         "static" (each batch decodes until its longest row stops). "auto" is static when
-        every (prompt, sample) gets a decode slot at once, else continuous: with nothing to
-        refill, one static batch shares each prompt's cache among its K samples and skips
-        the slot bookkeeping (BENCHMARKS.md, 16 prompts x K=8, 128 new tokens: static
-        340 tok/s, continuous 278); with a queue longer than the slots, refilling wins."""
+        every (prompt, sample) gets a decode slot at once, or when no row may run longer
+        than `STATIC_MAX_NEW_TOKENS`; else continuous. Static batches share each prompt's
+        cache among its K samples and skip the slot bookkeeping and the grouped-attention
+        programs (longer to compile); a short limit bounds what a batch wastes on rows
+        that stopped early. Past the limit a long tail of lengths makes refilling win
+        (BENCHMARKS.md, "Sampler": the engines at 128, 256 and 1024 new tokens)."""
         if engine not in ENGINES:
             raise ValueError(f"engine={engine!r}: expected one of {', '.join(ENGINES)}")
         if engine != "auto":
             return engine
+        if sampling.max_new_tokens <= STATIC_MAX_NEW_TOKENS:
+            return "static"
         plan = self.slot_engine(token_ids, sampling).plan
         return "static" if len(token_ids) * sampling.num_samples <= plan.slots else "continuous"
 
