@@ -210,3 +210,48 @@ def test_a_killed_process_stops_the_other_and_the_relaunch_finishes(runs, tmp_pa
         assert code == 0, err[-3000:]
     for x, y in zip(_policy(multi, 2), _policy(run_dir, 2), strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def test_offline_dpo_on_two_processes_gives_the_one_process_run(tmp_path):
+    """The baseline's stages (round 0, two rounds of DPO on D_offline, evaluation,
+    reports, export) as one SPMD program: the losses and final weights of 1 x 8 devices,
+    and process 1 writes nothing into the run folder."""
+    method = "--config.method=offline_dpo"
+    single, multi, log = str(tmp_path / "single"), str(tmp_path / "multi"), str(
+        tmp_path / "writes.log")
+    (code, err), = _finish([_train(single, _env(8), method)])
+    assert code == 0, err[-3000:]
+    for i, (code, err) in enumerate(two_processes(multi, method, write_log=log)):
+        assert code == 0, f"process {i}: {err[-3000:]}"
+    for t in (0, 1, 2):
+        la = _rows(os.path.join(single, f"round_{t}", "train", "metrics.jsonl"))
+        lb = _rows(os.path.join(multi, f"round_{t}", "train", "metrics.jsonl"))
+        assert [r["step"] for r in la] == [r["step"] for r in lb]
+        np.testing.assert_allclose([r["loss"] for r in la], [r["loss"] for r in lb],
+                                   rtol=0, atol=1e-5)
+    for x, y in zip(_policy(single, 2), _policy(multi, 2), strict=True):
+        # As the DICE run above: Adam divides reordered float32 gradient sums by their own
+        # root mean square (measured: one of 16384 weights of a layer 2.8e-5 apart).
+        np.testing.assert_allclose(x, y, rtol=0, atol=5e-5)
+    with open(log) as f:
+        writes = [line.split(" ", 1) for line in f.read().splitlines()]
+    assert any(pid == "0" and path.startswith(multi) for pid, path in writes)
+    assert [path for pid, path in writes if pid != "0" and path.startswith(multi)] == []
+
+
+def test_llm_judge_stage_on_two_processes_gives_the_one_process_ratings(tmp_path):
+    """The LLM-judge baseline's rating stage on a mesh spanning 2 processes x 4 devices:
+    the same greedy judgements on both processes as on 1 process x 8 devices. (A whole
+    llm_judge run stops at its data stage with a random policy, which never writes a
+    parseable score; its other stages are the DICE run's.)"""
+    from helpers import run_processes_on_cpu_devices
+
+    single, = run_processes_on_cpu_devices("judge_stage.py", _free_port(), 1,
+                                           tmp_path / "single", processes=1, devices=8)
+    both = run_processes_on_cpu_devices("judge_stage.py", _free_port(), 2, tmp_path / "multi",
+                                        processes=2, devices=4)
+    assert single["devices"] == 8 and [r["devices"] for r in both] == [8, 8]
+    assert single["info"]["responses"] == 6 and len(single["judgements"]) == 6
+    for result in both:
+        assert result["judgements"] == single["judgements"]
+        assert result["nan"] == single["nan"]
