@@ -104,6 +104,9 @@ def initialize_from_environment(environ: dict[str, str] | None = None) -> bool:
         jax.distributed.initialize(**settings, heartbeat_timeout_seconds=HEARTBEAT_SECONDS)
     except (RuntimeError, ValueError) as e:
         raise ConfigError(f"joining the multi-process job failed: {e}") from None
+    from dice_jax import liveness
+
+    liveness.start(jax.process_index(), jax.process_count())
     return True
 
 

@@ -60,7 +60,11 @@ def _run(fv: flags.FlagValues, positional: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_main(_run, argv, PROG, __doc__, _define, run_config=True)
+    from dice_jax import liveness
+
+    code = run_main(_run, argv, PROG, __doc__, _define, run_config=True)
+    liveness.mark_done()  # an end on purpose (an exception skips this: peers see it lost)
+    return code
 
 
 if __name__ == "__main__":
