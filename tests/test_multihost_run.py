@@ -212,6 +212,7 @@ def test_a_killed_process_stops_the_other_and_the_relaunch_finishes(runs, tmp_pa
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow  # two more tiny runs; README "Test" names the command
 def test_offline_dpo_on_two_processes_gives_the_one_process_run(tmp_path):
     """The baseline's stages (round 0, two rounds of DPO on D_offline, evaluation,
     reports, export) as one SPMD program: the losses and final weights of 1 x 8 devices,
