@@ -120,12 +120,17 @@ def load_preference_data(source: str, split: str = "train", max_rows: int | None
     """Loads and normalises D_offline.
 
     `source`: `builtin:NAME` (shipped with dice-jax), a `.jsonl` / `.json` / `.parquet`
-    file, a hub data set id (network needed), or `synthetic:N` (N seeded toy pairs for
-    smoke tests). `max_rows` takes a seeded random subset
+    file, a hub data set id (network needed), `synthetic:N` (N seeded toy pairs for
+    smoke tests) or `toy:N` (N seeded pairs of the controlled task, labelled by its gold
+    reward: `dice_jax.toy`). `max_rows` takes a seeded random subset
     (the paper's 10k UltraFeedback subset).
     """
     if source.startswith("synthetic:"):
         rows = synthetic_preferences(_count(source), seed)
+    elif source.startswith("toy:"):
+        from dice_jax.toy.language import preference_rows
+
+        rows = preference_rows(_count(source), seed)
     elif source.startswith("builtin:"):
         name = source.split(":", 1)[1]
         path = os.path.join(BUILTIN_DIR, f"{name}.jsonl")
@@ -159,9 +164,9 @@ _STYLES = ("short", "cheerful", "formal", "simple", "vivid", "calm")
 
 
 def _count(source: str) -> int:
-    text = source.split(":", 1)[1]
+    kind, text = source.split(":", 1)
     if not text.isdigit() or int(text) < 1:
-        raise DiceError(f"{source}: expected synthetic:N with N >= 1")
+        raise DiceError(f"{source}: expected {kind}:N with N >= 1")
     return int(text)
 
 
@@ -225,14 +230,24 @@ def load_eval_prompts(spec: str, num: int | None = None, seed: int = 0) -> list[
     """Prompt rows `{"id", "prompt"[, "instruction_ids", "kwargs", "dataset"]}`.
 
     `spec`: `builtin:eval` / `builtin:train` (`num` generated prompts of that split with
-    `seed`; `num` required), a `.jsonl` / `.json` file, or a hub data set id (its `train`
-    split, e.g. `google/IFEval`). Files and hub sets give their first `num` rows (all when
-    `num` is None).
+    `seed`; `num` required), `toy:eval` / `toy:train` (the controlled task's first `num`
+    prompts of that split; `num` required), a `.jsonl` / `.json` file, or a hub data set
+    id (its `train` split, e.g. `google/IFEval`). Files and hub sets give their first
+    `num` rows (all when `num` is None).
     """
     from dice_jax.judge.prompts import generate_prompts
 
     if num is not None and num < 1:
         raise DiceError(f"number of eval prompts must be >= 1, not {num}")
+    if spec.startswith("toy:"):
+        from dice_jax.toy.language import eval_rows
+
+        split = spec.split(":", 1)[1]
+        if split not in ("eval", "train"):
+            raise DiceError(f"{spec}: unknown toy prompt set; use toy:eval or toy:train")
+        if num is None:
+            raise DiceError(f"{spec}: the number of prompts is required")
+        return eval_rows(split, num)
     if spec.startswith("builtin:"):
         split = spec.split(":", 1)[1]
         if split not in ("eval", "train"):

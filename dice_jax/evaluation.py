@@ -40,8 +40,8 @@ class EvalConfig:
     top-k) and prompt limit, one response per prompt, seeded by `seed`."""
 
     enabled: bool = setting(True, "evaluate the start model and every round")
-    prompts: str = setting("builtin:eval", "builtin:eval | builtin:train | a JSONL/JSON "
-                           "file | a hub data set id (e.g. google/IFEval)")
+    prompts: str = setting("builtin:eval", "builtin:eval | builtin:train | toy:eval | a "
+                           "JSONL/JSON file | a hub data set id (e.g. google/IFEval)")
     num_prompts: int = setting(256, "prompts evaluated (files and hub sets: the first N)",
                                min=1)
     seed: int = setting(0, "prompt generation and sampled-mode seed")

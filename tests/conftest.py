@@ -13,6 +13,7 @@ collect_ignore = ["workers"]
 # worker from finishing alone with a long module at the end. A serial run only changes
 # order.
 LONGEST_FIRST = ("test_multihost_run.py", "test_train_run.py", "test_train_sharded.py",
+                 "test_toy_task.py", "test_reward_health.py",
                  "test_builtin_data.py", "test_sampling_smollm2.py", "test_sampling.py",
                  "test_gguf.py", "test_scoring.py", "test_train_step.py", "test_evaluate.py")
 

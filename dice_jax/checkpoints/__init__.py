@@ -62,6 +62,10 @@ def resolve_source(source: str) -> tuple[str, str]:
 
     if source.startswith("random:"):
         return "random", source.split(":", 1)[1]
+    if source.startswith("toy:"):  # the toy task's warmed-up start model (cached checkpoint)
+        from dice_jax.toy.warmup import warm_checkpoint
+
+        return "dice", warm_checkpoint(source.split(":", 1)[1])
     if source.startswith("embedded:"):
         return "embedded", embedded_gguf_path(source.split(":", 1)[1])
     if os.path.isdir(source):
@@ -87,8 +91,10 @@ def load_model(source: str, shardings: Any | None = None, with_tokenizer: bool =
     """Loads params, config and tokenizer from any supported source.
 
     `source`: an HF folder, a hub id (`org/name`, network needed), a `.gguf` file, a
-    dice-jax checkpoint folder, `embedded:smollm2`, or `random:PRESET` (seeded random
-    weights with a byte-level tokenizer). Params stream onto `shardings`.
+    dice-jax checkpoint folder, `embedded:smollm2`, `random:PRESET` (seeded random
+    weights with a byte-level tokenizer) or `toy:PRESET[:SEED]` (that model warmed up on
+    the toy task's language, built once and cached: `dice_jax.toy.warmup`). Params stream
+    onto `shardings`.
     """
     from dice_jax.checkpoints import gguf_import, hf, orbax_io
 

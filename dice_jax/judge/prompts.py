@@ -144,8 +144,13 @@ def build_instruction(instruction_id: str, kwargs: Mapping[str, Any] | None) -> 
 
     Any id of the registry is accepted (so real IFEval rows can be scored too); arguments
     that are None are dropped, as IFEval's own evaluation does, since rows read back through
-    `datasets` carry every key of the column's struct.
+    `datasets` carry every key of the column's struct. Ids with the `toy:` prefix are the
+    controlled task's checkers (`dice_jax.toy.gold`), with the same interface.
     """
+    from dice_jax.toy.gold import build_toy_instruction, is_toy_instruction
+
+    if is_toy_instruction(instruction_id):
+        return build_toy_instruction(instruction_id, kwargs)
     cls = registry.INSTRUCTION_DICT.get(instruction_id)
     if cls is None:
         raise DiceError(f"unknown instruction id {instruction_id!r}")
