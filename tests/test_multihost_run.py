@@ -87,6 +87,27 @@ def _rows(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _assert_same_training(single: str, multi: str, weights_atol: float) -> None:
+    """Rounds 0-2: the same steps, losses within 1e-5 (log-sigmoids of float32 log-prob
+    differences: reordered sums only) and round 2's weights within `weights_atol`."""
+    for t in (0, 1, 2):
+        la = _rows(os.path.join(single, f"round_{t}", "train", "metrics.jsonl"))
+        lb = _rows(os.path.join(multi, f"round_{t}", "train", "metrics.jsonl"))
+        assert [r["step"] for r in la] == [r["step"] for r in lb]
+        np.testing.assert_allclose([r["loss"] for r in la], [r["loss"] for r in lb],
+                                   rtol=0, atol=1e-5)
+    for x, y in zip(_policy(single, 2), _policy(multi, 2), strict=True):
+        np.testing.assert_allclose(x, y, rtol=0, atol=weights_atol)
+
+
+def _assert_only_process_0_writes(log: str, run_dir: str) -> None:
+    """The write log (DICE_JAX_WRITE_LOG) has process 0's files in `run_dir`, no other's."""
+    with open(log) as f:
+        writes = [line.split(" ", 1) for line in f.read().splitlines()]
+    assert any(pid == "0" and path.startswith(run_dir) for pid, path in writes)
+    assert [path for pid, path in writes if pid != "0" and path.startswith(run_dir)] == []
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("multihost")
@@ -120,26 +141,15 @@ def test_two_processes_give_the_one_process_run(runs):
             # Sequence log-probs are sums of ~100 float32 terms of magnitude ~5: 1e-5
             # relative to the sum covers a reordered reduction.
             np.testing.assert_allclose(sa[key], sb[key], rtol=1e-5, atol=0, err_msg=key)
-    for t in (0, 1, 2):
-        la = _rows(os.path.join(single, f"round_{t}", "train", "metrics.jsonl"))
-        lb = _rows(os.path.join(multi, f"round_{t}", "train", "metrics.jsonl"))
-        assert [r["step"] for r in la] == [r["step"] for r in lb]
-        # Losses are log-sigmoids of float32 log-prob differences: reordered sums only.
-        np.testing.assert_allclose([r["loss"] for r in la], [r["loss"] for r in lb],
-                                   rtol=0, atol=1e-5)
-    for x, y in zip(_policy(single, 2), _policy(multi, 2), strict=True):
-        # Weights of order 0.02-1 after 12 AdamW steps at lr 1e-3: Adam divides each
-        # gradient by its own root mean square, so reordered float32 gradient sums move
-        # near-zero-gradient weights by up to ~1e-5 (measured 1.1e-5 at the last round).
-        np.testing.assert_allclose(x, y, rtol=0, atol=2e-5)
+    # Weights of order 0.02-1 after 12 AdamW steps at lr 1e-3: Adam divides each gradient
+    # by its own root mean square, so reordered float32 gradient sums move
+    # near-zero-gradient weights by up to ~1e-5 (measured 1.1e-5 at the last round).
+    _assert_same_training(single, multi, weights_atol=2e-5)
 
 
 def test_process_1_writes_nothing_into_the_run_folder(runs):
     single, multi, log, results = runs
-    with open(log) as f:
-        writes = [line.split(" ", 1) for line in f.read().splitlines()]
-    assert any(pid == "0" and path.startswith(multi) for pid, path in writes)
-    assert [path for pid, path in writes if pid != "0" and path.startswith(multi)] == []
+    _assert_only_process_0_writes(log, multi)
     # Apart from orbax's per-process files (shards, array metadata), content-named orbax
     # files, TensorBoard event names and reference-cache keys (they hold the time, the
     # host or the run path), the two folders hold the same files.
@@ -224,20 +234,10 @@ def test_offline_dpo_on_two_processes_gives_the_one_process_run(tmp_path):
     assert code == 0, err[-3000:]
     for i, (code, err) in enumerate(two_processes(multi, method, write_log=log)):
         assert code == 0, f"process {i}: {err[-3000:]}"
-    for t in (0, 1, 2):
-        la = _rows(os.path.join(single, f"round_{t}", "train", "metrics.jsonl"))
-        lb = _rows(os.path.join(multi, f"round_{t}", "train", "metrics.jsonl"))
-        assert [r["step"] for r in la] == [r["step"] for r in lb]
-        np.testing.assert_allclose([r["loss"] for r in la], [r["loss"] for r in lb],
-                                   rtol=0, atol=1e-5)
-    for x, y in zip(_policy(single, 2), _policy(multi, 2), strict=True):
-        # As the DICE run above: Adam divides reordered float32 gradient sums by their own
-        # root mean square (measured: one of 16384 weights of a layer 2.8e-5 apart).
-        np.testing.assert_allclose(x, y, rtol=0, atol=5e-5)
-    with open(log) as f:
-        writes = [line.split(" ", 1) for line in f.read().splitlines()]
-    assert any(pid == "0" and path.startswith(multi) for pid, path in writes)
-    assert [path for pid, path in writes if pid != "0" and path.startswith(multi)] == []
+    # As the DICE run above: Adam divides reordered float32 gradient sums by their own
+    # root mean square (measured: one of 16384 weights of a layer 2.8e-5 apart).
+    _assert_same_training(single, multi, weights_atol=5e-5)
+    _assert_only_process_0_writes(log, multi)
 
 
 def test_llm_judge_stage_on_two_processes_gives_the_one_process_ratings(tmp_path):

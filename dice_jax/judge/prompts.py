@@ -147,13 +147,13 @@ def build_instruction(instruction_id: str, kwargs: Mapping[str, Any] | None) -> 
     `datasets` carry every key of the column's struct. Ids with the `toy:` prefix are the
     controlled task's checkers (`dice_jax.toy.gold`), with the same interface.
     """
-    from dice_jax.toy.gold import build_toy_instruction, is_toy_instruction
+    from dice_jax.toy.gold import TOY_INSTRUCTIONS, is_toy_instruction
 
-    if is_toy_instruction(instruction_id):
-        return build_toy_instruction(instruction_id, kwargs)
-    cls = registry.INSTRUCTION_DICT.get(instruction_id)
+    toy = is_toy_instruction(instruction_id)
+    cls = (TOY_INSTRUCTIONS if toy else registry.INSTRUCTION_DICT).get(instruction_id)
     if cls is None:
-        raise DiceError(f"unknown instruction id {instruction_id!r}")
+        known = f"; toy instructions: {sorted(TOY_INSTRUCTIONS)}" if toy else ""
+        raise DiceError(f"unknown instruction id {instruction_id!r}{known}")
     args = {k: v for k, v in (kwargs or {}).items() if v is not None}
     instruction = cls(instruction_id)
     try:

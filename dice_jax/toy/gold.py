@@ -2,7 +2,7 @@
 
 Each toy instruction is a class with the methods `dice_jax.judge` uses of an IFEval
 instruction: `build_description(**kwargs) -> str`, `get_instruction_args() -> dict` and
-`check_following(response) -> bool`. `build_toy_instruction` resolves an id with the `toy:`
+`check_following(response) -> bool`. `TOY_INSTRUCTIONS` maps each id with the `toy:`
 prefix to one of them, so `dice_jax.judge.prompts.build_instruction` (and with it
 `dice_jax.judge.score.score_response`, evaluation, summary.md and the data stage's judge
 agreement) checks toy prompts exactly as it checks IFEval ones.
@@ -19,10 +19,7 @@ A response's gold reward is the fraction of its prompt's instructions it follows
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
-
-from dice_jax.errors import DiceError
 
 PREFIX = "toy:"
 
@@ -101,23 +98,3 @@ TOY_INSTRUCTIONS: dict[str, type[ToyInstruction]] = {
 
 def is_toy_instruction(instruction_id: str) -> bool:
     return isinstance(instruction_id, str) and instruction_id.startswith(PREFIX)
-
-
-def build_toy_instruction(instruction_id: str, kwargs: Mapping[str, Any] | None
-                          ) -> tuple[ToyInstruction, str]:
-    """A toy instruction from its id and arguments: (instance, description).
-
-    Arguments that are None are dropped, as `build_instruction` does for IFEval rows read
-    back through `datasets`. An unknown id or bad arguments raise a DiceError.
-    """
-    cls = TOY_INSTRUCTIONS.get(instruction_id)
-    if cls is None:
-        raise DiceError(f"unknown instruction id {instruction_id!r}; toy instructions: "
-                        f"{sorted(TOY_INSTRUCTIONS)}")
-    args = {k: v for k, v in (kwargs or {}).items() if v is not None}
-    instruction = cls(instruction_id)
-    try:
-        description = instruction.build_description(**args)
-    except (TypeError, ValueError) as e:
-        raise DiceError(f"{instruction_id}: cannot build from arguments {args}: {e}") from None
-    return instruction, description

@@ -25,8 +25,8 @@ import random
 from typing import Any
 
 from dice_jax.errors import DiceError
+from dice_jax.judge.prompts import build_instruction
 from dice_jax.judge.score import label_preferences, score_response
-from dice_jax.toy.gold import build_toy_instruction
 
 LETTERS = "abcd"
 FAVOURED = "ab"
@@ -56,7 +56,7 @@ def prompt_row(split: str, index: int) -> dict[str, Any]:
 
 def describe_rules() -> str:
     """The rules as the checkers describe them, e.g. `50%+ of chars in ab; ...`."""
-    return "; ".join(build_toy_instruction(iid, args)[1] for iid, args in GOLD_RULES)
+    return "; ".join(build_instruction(iid, args)[1] for iid, args in GOLD_RULES)
 
 
 def gold_reward(response: str) -> float:
