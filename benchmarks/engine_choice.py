@@ -34,7 +34,8 @@ def side(engine: str, max_new_tokens: int, num_prompts: int) -> dict:
     from dice_jax.checkpoints import load_model
     from dice_jax.data import load_preference_data
     from dice_jax.run.stages import unique_prompts
-    from dice_jax.sampling.sampler import Sampler, SamplingConfig
+    from dice_jax.sampling.config import SamplingConfig
+    from dice_jax.sampling.sampler import Sampler
 
     rows = load_preference_data("builtin:smollm2", max_rows=num_prompts, seed=0)
     prompts = unique_prompts(rows)

@@ -6,7 +6,7 @@ once, on the field that the math reads:
     model     ModelSettings    (this module)       which weights, dtypes, chat template
     mesh      MeshConfig       (this module)       data / fsdp / tensor axis sizes
     data      DataConfig       (this module)       D_offline and the held-out pairs
-    sampling  SamplingConfig   (sampling.sampler)  K, temperature, top-p, limits, cache
+    sampling  SamplingConfig   (sampling.config)   K, temperature, top-p, limits, cache
     dice      DiceDataConfig   (dice.builder)      reward scale, filters, alpha* search, replay
     train     TrainConfig      (training.config)   DPO loss, beta, optimizer, steps
     eval      EvalConfig       (evaluation)        held-out prompts and modes
@@ -24,7 +24,7 @@ from typing import Any
 from dice_jax.dice.builder import DiceDataConfig
 from dice_jax.errors import ConfigError
 from dice_jax.evaluation import EvalConfig
-from dice_jax.sampling.sampler import SamplingConfig
+from dice_jax.sampling.config import SamplingConfig
 from dice_jax.settings import check_managed, check_settings, section, setting
 from dice_jax.training.config import TrainConfig
 

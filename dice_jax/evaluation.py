@@ -26,7 +26,8 @@ from typing import Any
 
 from dice_jax.errors import ConfigError, DiceError
 from dice_jax.fileio import atomic_write_text, write_json, write_jsonl
-from dice_jax.sampling.sampler import Sampler, SamplingConfig
+from dice_jax.sampling.config import SamplingConfig
+from dice_jax.sampling.sampler import Sampler
 from dice_jax.settings import check_settings, section, setting
 
 MODES = ("greedy", "sampled")

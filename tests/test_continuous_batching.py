@@ -121,7 +121,7 @@ def test_grouped_slot_attention_matches_numpy():
     q = rng.normal(size=(s, h, d)).astype(np.float32)
     lengths = rng.integers(1, block * chunks + 1, size=s)
     lengths[:8] = rng.integers(1, 3, size=8)  # a few groups need only chunk 0
-    split = [{"k": jnp.asarray(k[:, :, c * block:(c + 1) * block]),
+    split = [{"k": jnp.asarray(k[:, :, c * block:(c + 1) * block].swapaxes(-1, -2)),
               "v": jnp.asarray(v[:, :, c * block:(c + 1) * block])} for c in range(chunks)]
     got = np.asarray(slot_attention(jnp.asarray(q), split, jnp.asarray(lengths, jnp.int32),
                                     None, 4, 2))

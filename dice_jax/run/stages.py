@@ -41,7 +41,8 @@ from dice_jax.judge.score import score_response
 from dice_jax.models.config import ModelConfig
 from dice_jax.run.faults import kill_point
 from dice_jax.run.metrics import MetricsWriter
-from dice_jax.sampling.sampler import Sampler, SamplingConfig
+from dice_jax.sampling.config import SamplingConfig
+from dice_jax.sampling.sampler import Sampler
 from dice_jax.sampling.store import load_samples, save_samples
 from dice_jax.sharding import DEFAULT_RULES, batch_sharding, put_process_local
 from dice_jax.training import DPOTrainer, TrainConfig, tokenize_pairs

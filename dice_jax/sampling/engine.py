@@ -2,14 +2,15 @@
 
 `SlotEngine.run` turns prompts x K samples into a queue of (prompt, sample) requests. It
 fills every free slot from the queue (prefilling each new prompt once into a staging row,
-then copying it into the slots of its samples), runs the jitted `slots.decode_chunk` until
-enough slots are free again, retires the finished rows and refills. When the queue is empty
-the active slots move into a narrower set (half as wide; once per 256 new tokens a row may
-take, at most four times), so the tail of long rows does not pay for idle slots. Before
-each chunk the slots may be reordered longest first, so that each attention group holds
-slots of similar length and skips the cache chunks none of them has reached. All decisions
-are made on the host from the gathered chunk outputs, in a fixed order, so every process
-makes the same ones.
+at most `SlotPlan.prefill_limits` prompts a call so that the call's activations fit the
+budget's prefill share, then copying it into the slots of its samples), runs the jitted
+`slots.decode_chunk` until enough slots are free again, retires the finished rows and
+refills. When the queue is empty the active slots move into a narrower set (half as wide;
+once per 256 new tokens a row may take, at most four times), so the tail of long rows does
+not pay for idle slots. Before each chunk the slots may be reordered longest first, so that
+each attention group holds slots of similar length and skips the cache chunks none of them
+has reached. All decisions are made on the host from the gathered chunk outputs, in a fixed
+order, so every process makes the same ones.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from dice_jax.models.slot_decode import (
     slot_groups,
 )
 from dice_jax.sampling import slots as programs
+from dice_jax.sampling.generate import prefill_fit
 from dice_jax.sampling.slots import SlotProgram
 
 CHUNK_STEPS = 64  # decode steps per device call at most (the host checks in between)
@@ -96,7 +98,10 @@ class SlotPlan:
     max_prompt: int  # staged prompt length
     staging_rows: int
     buckets: tuple[int, ...]  # prompt lengths the prefill runs at
-    prefill_sizes: tuple[int, ...]  # prompts per prefill call (powers of two)
+    # Rows of a prefill call: the data-parallel size times powers of two (a call's rows are
+    # split over the data shards, never copied to each).
+    prefill_sizes: tuple[int, ...]
+    prefill_limits: tuple[int, ...]  # per bucket: the largest prefill size it may use
 
 
 def plan_slots(config: Any, lengths: list[int], num_samples: int, max_new_tokens: int,
@@ -104,7 +109,9 @@ def plan_slots(config: Any, lengths: list[int], num_samples: int, max_new_tokens
                max_slots: int | None = None) -> SlotPlan:
     """Sizes the slots from the memory budget: each slot holds a prompt of the run's longest
     bucket plus `max_new_tokens`, and its next-token logits; the staging rows hold prompts
-    waiting for slots. Raises ValueError when the budget is below one slot per data shard."""
+    waiting for slots. Raises ValueError when the budget is below one slot per data shard.
+    A prefill call at a bucket holds as many prompts as `generate.prefill_fit` allows
+    (rounded down to a prefill size; at least one per data shard)."""
     buckets = sorted({max(min_bucket, next_power_of_two(n)) for n in lengths})
     max_prompt = buckets[-1]
     capacity = slot_capacity(max_prompt, max_new_tokens)
@@ -137,9 +144,13 @@ def plan_slots(config: Any, lengths: list[int], num_samples: int, max_new_tokens
             break
         widths.append(narrower)
     staged = min(MAX_STAGED_PROMPTS, len(lengths), -(-slots // num_samples) + 1)
-    sizes = tuple(1 << i for i in range(next_power_of_two(staged).bit_length()))
+    per_shard = next_power_of_two(-(-staged // data_parallel))
+    sizes = tuple(data_parallel << i for i in range(per_shard.bit_length()))
+    limits = tuple(max([s for s in sizes if s <= prefill_fit(config, bucket, budget_bytes,
+                                                              cache_dtype)] or sizes[:1])
+                   for bucket in buckets)
     return SlotPlan(slots, tuple(widths), capacity, max_prompt, staged + 1,
-                    tuple(buckets), sizes)
+                    tuple(buckets), sizes, limits)
 
 
 @dataclasses.dataclass
@@ -203,10 +214,11 @@ class SlotEngine:
         """Runs every program the run can use once, on throwaway inputs."""
         plan, program = self.plan, self.program
         staging = programs.init_staging_jit(program)
-        for bucket in plan.buckets:
+        for bucket, limit in zip(plan.buckets, plan.prefill_limits):
             fits = [p for p, t in enumerate(token_ids) if len(t) <= bucket]
             for size in plan.prefill_sizes:
-                staging = self._prefill(staging, token_ids, fits[:1], [0], bucket, size)
+                if size <= limit:
+                    staging = self._prefill(staging, token_ids, fits[:1], [0], bucket, size)
         seed = jnp.asarray(0, jnp.uint32)
         cache, state = programs.init_slots_jit(program, plan.widths[0])
         for i, width in enumerate(plan.widths):
@@ -328,8 +340,12 @@ class SlotEngine:
             bucket = next(b for b in self.plan.buckets if b >= len(token_ids[prompt]))
             by_bucket.setdefault(bucket, []).append(prompt)
         for bucket, group in sorted(by_bucket.items()):
-            staging = self._prefill(staging, token_ids, group, [staged[p] for p in group],
-                                    bucket, next_power_of_two(len(group)))
+            limit = self.plan.prefill_limits[self.plan.buckets.index(bucket)]
+            for first in range(0, len(group), limit):
+                part = group[first:first + limit]
+                size = next(s for s in self.plan.prefill_sizes if s >= len(part))
+                staging = self._prefill(staging, token_ids, part, [staged[p] for p in part],
+                                        bucket, size)
         starts = []
         for slot, (prompt, sample) in zip(free, taken):
             starts.append((slot, staged[prompt], len(token_ids[prompt]), prompt, sample))

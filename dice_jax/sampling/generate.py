@@ -1,7 +1,10 @@
 """The jitted programs of the sampler: prefill B prompts once, then decode B*K rows.
 
 `prefill` runs the B left-padded prompts through `Decoder.extend` and returns their KV cache
-(one segment per layer) and the logits after each prompt. `decode` samples K continuations
+(one segment per layer) and the logits after each prompt; `prefill_part` does the same for
+some rows of a larger batch, written into its donated buffers (`empty_prompt`), so that a
+batch whose prefill would not fit the memory budget at once runs as several prefill calls
+(`prefill_bytes`, `prefill_fit`). `decode` samples K continuations
 per prompt in one device-side `lax.while_loop` that stops as soon as every row has emitted
 a stop token, or after `max_new_tokens`; the generated-token cache is donated (updated in
 place) and returned for reuse by the next batch of the same shape. Nothing leaves the device
@@ -24,7 +27,13 @@ from jax.sharding import Mesh, NamedSharding
 
 from dice_jax.models.config import ModelConfig
 from dice_jax.models.decode import SEGMENT_AXES, decode_step, prompt_segments, split_layers
-from dice_jax.models.decoder import Decoder, init_cache, positions_from_mask
+from dice_jax.models.decoder import (
+    Decoder,
+    cache_bytes,
+    init_cache,
+    positions_from_mask,
+    query_blocks,
+)
 from dice_jax.sampling.distributions import Distribution, next_tokens, token_logprobs
 from dice_jax.sharding import DEFAULT_RULES, Rules, logical_to_spec
 
@@ -34,6 +43,13 @@ Array = jax.Array
 # the batch still is, over `data` and `fsdp`. `tensor` splits heads, MLP and vocabulary.
 SAMPLING_RULES: Rules = tuple((name, None if name == "embed" else target)
                               for name, target in DEFAULT_RULES)
+# One prefill call's transient activations may take this share of `cache_budget_gb` on top
+# of the KV cache the budget sizes (so a run holds about 1.5x the budget besides weights).
+PREFILL_SHARE = 0.5
+# Score-sized float32 buffers XLA keeps live at once in a layer's causal attention: the
+# scores and softmax weights of several query blocks (XLA:CPU memory_analysis: 5.6-6.4 of
+# the widest block's size from 512 to 4096 tokens; tests/test_prefill_memory.py).
+SCORE_COPIES = 6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,11 +81,42 @@ def constrain(x: Array, names: tuple[str | None, ...], program: Program) -> Arra
     return jax.lax.with_sharding_constraint(x, NamedSharding(program.mesh, spec))
 
 
-@functools.partial(jax.jit, static_argnames=("program",))
-def prefill(params: Any, input_ids: Array, prompt_mask: Array, *, program: Program
-            ) -> tuple[list[dict], Array]:
-    """Prompts `[B, P]` (left-padded, mask 0/1) -> per-layer prompt KV segments
-    `[B, kv_heads, P, head_dim]` and float32 next-token logits `[B, vocab]`."""
+def prefill_bytes(config: ModelConfig, length: int, cache_dtype: str | None = None) -> int:
+    """Transient bytes one prompt of padded length P = `length` adds to a prefill call
+    (`prefill`, `prefill_part`, `slots.prefill`), beyond its outputs.
+
+    The peak is inside one layer's causal attention (`decoder.grouped_attention`): float32
+    scores `[heads, query_block, P]` of the widest query block (`query_blocks(P)` queries,
+    all P keys), `SCORE_COPIES` of them live at once, or, where larger, the MLP's gate, up
+    and product `[P, mlp]` (float32 bytes; bfloat16 compute measures the same on CPU). On
+    top, alive through the whole call: the attention mask `[P, P]` bool, the stacked KV
+    cache `Decoder.extend` fills (`cache_bytes(config, 1, P)`), and four copies of the
+    per-token activations `[P, embed + (heads + 2 kv_heads) * head_dim]` float32 (hidden
+    state, q/k/v, their RoPE). Against XLA's temp_size_in_bytes on CPU, each added prompt
+    adds 1/1.8 to 1/1.1 of this from 512 tokens up (less below: one query block there);
+    left out is a per-call constant: per-layer weight slices, and with bfloat16 compute on
+    CPU a float32 copy of the weights (tests/test_prefill_memory.py).
+    """
+    e, m, h, kv, d = (config.hidden_size, config.intermediate_size, config.num_heads,
+                      config.num_kv_heads, config.head_dim)
+    p = int(length)
+    scores = h * min(p, query_blocks(p)) * p * 4
+    mlp = 3 * p * m * 4
+    tokens = 4 * p * (e + (h + 2 * kv) * d) * 4
+    return (max(SCORE_COPIES * scores, mlp) + p * p + cache_bytes(config, 1, p, cache_dtype)
+            + tokens)
+
+
+def prefill_fit(config: ModelConfig, length: int, budget_bytes: int,
+                cache_dtype: str | None = None) -> int:
+    """Prompts of padded length `length` whose prefill activations (`prefill_bytes` each)
+    fit `PREFILL_SHARE` of `budget_bytes`; at least 1 (one prompt runs whatever it needs)."""
+    return max(1, int(PREFILL_SHARE * budget_bytes) // prefill_bytes(config, length,
+                                                                      cache_dtype))
+
+
+def _prefill(params: Any, input_ids: Array, prompt_mask: Array, program: Program
+             ) -> tuple[list[dict], Array]:
     cfg = program.config
     batch, length = input_ids.shape
     cache = init_cache(cfg, batch, length, program.cache_dtype)
@@ -80,6 +127,52 @@ def prefill(params: Any, input_ids: Array, prompt_mask: Array, *, program: Progr
     segments = [{name: constrain(a, SEGMENT_AXES, program) for name, a in seg.items()}
                 for seg in prompt_segments(cache)]
     return segments, constrain(logits.astype(jnp.float32), ("batch", "vocab"), program)
+
+
+@functools.partial(jax.jit, static_argnames=("program",))
+def prefill(params: Any, input_ids: Array, prompt_mask: Array, *, program: Program
+            ) -> tuple[list[dict], Array]:
+    """Prompts `[B, P]` (left-padded, mask 0/1) -> per-layer prompt KV segments
+    `[B, kv_heads, P, head_dim]` and float32 next-token logits `[B, vocab]`."""
+    return _prefill(params, input_ids, prompt_mask, program)
+
+
+@functools.partial(jax.jit, static_argnames=("program", "batch", "length"))
+def empty_prompt(*, program: Program, batch: int, length: int) -> tuple[list[dict], Array]:
+    """Zeroed `prefill` outputs for `batch` prompts of `length`, for `prefill_part` to fill."""
+    cfg = program.config
+    shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
+    dtype = jnp.dtype(program.cache_dtype or cfg.dtype)
+    segments = [{name: constrain(jnp.zeros(shape, dtype), SEGMENT_AXES, program)
+                 for name in ("k", "v")} for _ in range(cfg.num_layers)]
+    logits = jnp.zeros((batch, cfg.vocab_size), jnp.float32)
+    return segments, constrain(logits, ("batch", "vocab"), program)
+
+
+@functools.partial(jax.jit, static_argnames=("program", "shards"),
+                   donate_argnames=("segments", "logits"))
+def prefill_part(params: Any, segments: list[dict], logits: Array, input_ids: Array,
+                 prompt_mask: Array, start: Array, *, program: Program, shards: int
+                 ) -> tuple[list[dict], Array]:
+    """`prefill` of n of a batch's B prompts, written into the batch's donated outputs
+    (`empty_prompt`, or the previous part's).
+
+    The B rows are `shards` blocks of B/shards (one per data shard when the batch is split
+    over the mesh, else one); `input_ids`/`prompt_mask` `[n, P]` are rows `start ..
+    start + n/shards - 1` (`start` int32) of each block, block by block, so each shard
+    writes only its own rows.
+    """
+    part, part_logits = _prefill(params, input_ids, prompt_mask, program)
+
+    def put(full: Array, new: Array, names: tuple[str, ...]) -> Array:
+        blocks = full.reshape(shards, -1, *full.shape[1:])
+        new = new.reshape(shards, -1, *new.shape[1:]).astype(full.dtype)
+        blocks = jax.lax.dynamic_update_slice_in_dim(blocks, new, start, axis=1)
+        return constrain(blocks.reshape(full.shape), names, program)
+
+    segments = [{name: put(seg[name], new[name], SEGMENT_AXES) for name in ("k", "v")}
+                for seg, new in zip(segments, part)]
+    return segments, put(logits, part_logits, ("batch", "vocab"))
 
 
 def row_keys(seed: Array, prompt_index: Array, sample_index: Array) -> Array:

@@ -4,15 +4,17 @@
 runs one of two engines with a progress bar: continuous batching (`engine.SlotEngine`:
 decode slots refilled as rows finish) or static batches (prompts grouped by power-of-two
 length bucket, batches that fit the KV-cache budget, `generate.prefill` / `decode` per
-batch, each until its longest row stops). The math is in `generate`, `slots` and
-`distributions`.
+batch, each until its longest row stops). Both engines also cap the prompts of one prefill
+call so that its activations fit `generate.PREFILL_SHARE` of the budget (a static batch
+with more prompts is prefilled in parts, `generate.prefill_part`). The math is in
+`generate`, `slots` and `distributions`.
 """
 
 import logging
 import math
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +27,7 @@ from dice_jax.models.config import ModelConfig
 from dice_jax.models.decode import init_generated
 from dice_jax.models.decoder import cache_bytes
 from dice_jax.progress import bar_disabled
-from dice_jax.sampling.distributions import Distribution
+from dice_jax.sampling.config import SamplingConfig
 from dice_jax.sampling.engine import (
     CHUNK_STEPS,
     EngineStats,
@@ -34,10 +36,18 @@ from dice_jax.sampling.engine import (
     next_power_of_two,
     plan_slots,
 )
-from dice_jax.sampling.generate import SAMPLING_RULES, Program, chunk_size, decode, prefill
+from dice_jax.sampling.generate import (
+    SAMPLING_RULES,
+    Program,
+    chunk_size,
+    decode,
+    empty_prompt,
+    prefill,
+    prefill_fit,
+    prefill_part,
+)
 from dice_jax.sampling.results import Sample, SamplingResult, make_sample
 from dice_jax.sampling.slots import SlotProgram
-from dice_jax.settings import check_settings, section, setting
 from dice_jax.sharding import logical_to_spec, param_shardings
 
 log = logging.getLogger("dice_jax.sampling")
@@ -46,55 +56,14 @@ ENGINES = ("auto", "continuous", "static")
 Prompt = str | Sequence[dict] | Sequence[int]
 
 
-@section
-class SamplingConfig:
-    """Settings of one sampling run (the run config's `sampling` section).
+class Batch(NamedTuple):
+    """One static batch: `size` prompt rows (padding included) of length `bucket` holding
+    the prompts `indices`, prefilled `prefill_rows` rows per call (`size`: one call)."""
 
-    `temperature=0` is greedy; `top_k=0` and `top_p=1` are off. `stop_token_ids=None` uses
-    the model's eos ids plus the tokenizer's eos. Prompts longer than `max_prompt_tokens`
-    raise a ValueError naming the prompt, or with `truncate_prompts` keep their last
-    `max_prompt_tokens` tokens (counted and logged). `cache_budget_gb` bounds the KV cache
-    of one batch (prompt cache + generated cache); `cache_dtype=None` is the model's compute
-    dtype. Prompt lengths are padded to powers of two, at least `min_bucket`.
-    """
-
-    num_samples: int = setting(1, "K: responses per prompt", min=1)
-    max_new_tokens: int = setting(256, "tokens generated per response at most", min=1)
-    temperature: float = setting(1.0, "softmax temperature (0: greedy)", min=0)
-    top_p: float = setting(1.0, "nucleus sampling mass (1: off)", above=0, max=1)
-    top_k: int = setting(0, "keep the k most likely tokens (0: off)", min=0)
-    seed: int = setting(0, "sampling seed", managed="config.seed (each round derives its "
-                        "own) or eval.seed")
-    stop_token_ids: tuple[int, ...] | None = setting(None, "stop tokens (None: the model's "
-                                                     "and the tokenizer's eos)")
-    max_prompt_tokens: int = setting(1024, "prompt tokens at most (after the chat template)",
-                                     min=1)
-    truncate_prompts: bool = setting(False, "keep a long prompt's last max_prompt_tokens "
-                                     "(else: an error naming the prompt)")
-    cache_budget_gb: float = setting(2.0, "KV-cache memory of one batch, GiB", above=0)
-    cache_dtype: str | None = setting(None, "KV-cache dtype (None: the compute dtype)",
-                                      choices=("float32", "bfloat16"))
-    min_bucket: int = setting(16, "smallest padded prompt length", min=1)
-    max_batch_prompts: int | None = setting(None, "static engine: prompts per batch at "
-                                            "most (None: as many as the cache budget "
-                                            "allows)", min=1)
-    max_slots: int | None = setting(None, "continuous engine: decode slots at most (None: "
-                                    "as many as the cache budget allows)", min=1)
-    progress: bool = setting(True, "progress bar", managed="--quiet")
-
-    def __post_init__(self) -> None:
-        check_settings(self, "sampling.")
-
-    def check(self) -> None:
-        _ = self.distribution  # validates temperature / top-k / top-p together
-
-    @property
-    def cache_budget_bytes(self) -> int:
-        return int(self.cache_budget_gb * 2**30)
-
-    @property
-    def distribution(self) -> Distribution:
-        return Distribution(self.temperature, self.top_k, self.top_p)
+    size: int
+    bucket: int
+    indices: list[int]
+    prefill_rows: int
 
 
 def sampling_param_shardings(config: ModelConfig, mesh: Mesh) -> Any:
@@ -204,14 +173,24 @@ class Sampler:
             fit = min(fit, sampling.max_batch_prompts)
         return int(fit)
 
-    def plan(self, lengths: Sequence[int], sampling: SamplingConfig
-             ) -> list[tuple[int, int, list[int]]]:
-        """Batches as `(batch_prompts, bucket, prompt indices)`; the batch size is a power of
-        two (then a multiple of the data-parallel size) so few programs compile."""
+    def prefill_rows(self, size: int, bucket: int, sampling: SamplingConfig) -> int:
+        """Rows of a `size`-row batch at `bucket` one prefill call runs: as many prompts as
+        `generate.prefill_fit` allows, counting each device's copy when the rows are not
+        split over the data shards (a size that is not a multiple of them). At least one
+        row per data shard, or one row."""
+        dp = self._data_parallel()
+        fit = prefill_fit(self.config, bucket, sampling.cache_budget_bytes,
+                          sampling.cache_dtype)
+        rows = max(dp, fit // dp * dp) if size % dp == 0 else max(1, fit // dp)
+        return min(size, rows)
+
+    def plan(self, lengths: Sequence[int], sampling: SamplingConfig) -> list[Batch]:
+        """The static batches (`Batch`); the batch size is a power of two (then a multiple
+        of the data-parallel size) so few programs compile."""
         buckets: dict[int, list[int]] = {}
         for i, n in enumerate(lengths):
             buckets.setdefault(max(sampling.min_bucket, next_power_of_two(n)), []).append(i)
-        dp = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        dp = self._data_parallel()
         step = dp // math.gcd(dp, sampling.num_samples)
         batches = []
         for bucket in sorted(buckets):
@@ -222,8 +201,13 @@ class Sampler:
                 chunk = members[start:start + fit]
                 size = min(next_power_of_two(len(chunk)), max(fit, len(chunk)))
                 size = -(-size // step) * step
-                batches.append((size, bucket, chunk))
+                batches.append(Batch(size, bucket, chunk,
+                                     self.prefill_rows(size, bucket, sampling)))
         return batches
+
+    def _data_parallel(self) -> int:
+        """Data shards a batch is split over (`data` x `fsdp`)."""
+        return 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
 
     # ------------------------------------------------------------------ running
     def _put(self, x: np.ndarray, names: tuple[str, ...]) -> jax.Array:
@@ -249,10 +233,11 @@ class Sampler:
         return jax.device_put(a, NamedSharding(self.mesh, spec))
 
     def run_batch(self, token_ids: list[list[int]], indices: list[int], size: int,
-                  bucket: int, program: Program, seed: int, limit: int | None = None
-                  ) -> dict[str, np.ndarray]:
+                  bucket: int, program: Program, seed: int, limit: int | None = None,
+                  prefill_rows: int | None = None) -> dict[str, np.ndarray]:
         """Prefill + decode one batch; rows past `len(indices)` prompts are padding.
-        `limit` caps the new tokens (default `max_new_tokens`)."""
+        `limit` caps the new tokens (default `max_new_tokens`); `prefill_rows` the rows of
+        one prefill call (default all)."""
         ids = np.full((size, bucket), program.pad_id, np.int32)
         mask = np.zeros((size, bucket), np.int32)
         for row in range(size):
@@ -260,8 +245,12 @@ class Sampler:
             ids[row, bucket - len(seq):] = seq
             mask[row, bucket - len(seq):] = 1
         prompt_index = np.asarray(indices + [-1] * (size - len(indices)), np.int32)
-        ids_d, mask_d = self._put(ids, ("batch", "length")), self._put(mask, ("batch", "length"))
-        segments, logits = prefill(self.params, ids_d, mask_d, program=program)
+        mask_d = self._put(mask, ("batch", "length"))
+        if prefill_rows is None or prefill_rows >= size:
+            segments, logits = prefill(self.params, self._put(ids, ("batch", "length")), mask_d,
+                                       program=program)
+        else:
+            segments, logits = self._prefill_parts(ids, mask, prefill_rows, program)
         rows = size * program.num_samples
         out, generated = decode(self.params, segments, mask_d, logits,
                                 self._put(prompt_index, ("batch",)),
@@ -271,6 +260,26 @@ class Sampler:
         result = host_tree(out)  # the one host transfer of the batch (all processes')
         self._generated[(program, rows)] = generated
         return result
+
+    def _prefill_parts(self, ids: np.ndarray, mask: np.ndarray, rows: int, program: Program
+                       ) -> tuple[list[dict], jax.Array]:
+        """`prefill` of a batch in calls of `rows` rows (`generate.prefill_part`): with the
+        batch split over the data shards, each call takes the same rows of every shard's
+        block; the last call ends at the blocks' end (re-running a few rows of the one
+        before when `rows` does not divide them: the same prompts, the same cache)."""
+        size, bucket = ids.shape
+        dp = self._data_parallel()
+        shards = dp if size % dp == 0 and rows % dp == 0 else 1
+        block, per_call = size // shards, rows // shards
+        segments, logits = empty_prompt(program=program, batch=size, length=bucket)
+        for first in range(0, block, per_call):
+            start = min(first, block - per_call)
+            take = [s * block + start + i for s in range(shards) for i in range(per_call)]
+            segments, logits = prefill_part(
+                self.params, segments, logits, self._put(ids[take], ("batch", "length")),
+                self._put(mask[take], ("batch", "length")), jnp.int32(start),
+                program=program, shards=shards)
+        return segments, logits
 
     def program(self, sampling: SamplingConfig) -> Program:
         """The static description of the jitted programs a run with `sampling` uses."""
@@ -290,12 +299,13 @@ class Sampler:
             self.slot_engine(token_ids, sampling).compile(token_ids)
             return time.perf_counter() - start
         program = self.program(sampling)
-        done: set[tuple[int, int]] = set()
+        done: set[tuple[int, int, int]] = set()
         try:
-            for size, bucket, indices in self.plan([len(t) for t in token_ids], sampling):
-                if (size, bucket) not in done:
-                    done.add((size, bucket))
-                    self.run_batch(token_ids, indices, size, bucket, program, 0, limit=1)
+            for size, bucket, indices, rows in self.plan([len(t) for t in token_ids], sampling):
+                if (size, bucket, rows) not in done:
+                    done.add((size, bucket, rows))
+                    self.run_batch(token_ids, indices, size, bucket, program, 0, limit=1,
+                                   prefill_rows=rows)
         finally:
             self._generated.clear()
         return time.perf_counter() - start
@@ -322,7 +332,7 @@ class Sampler:
 
     def slot_engine(self, token_ids: list[list[int]], sampling: SamplingConfig) -> SlotEngine:
         """The continuous-batching engine for these prompts, sized from the cache budget."""
-        dp = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        dp = self._data_parallel()
         plan = plan_slots(self.config, [len(t) for t in token_ids], sampling.num_samples,
                           sampling.max_new_tokens, sampling.cache_budget_bytes,
                           sampling.cache_dtype, sampling.min_bucket, dp, sampling.max_slots)
@@ -376,9 +386,9 @@ class Sampler:
         try:
             with tqdm(total=len(token_ids) * k, unit="sample", desc="sampling",
                       disable=bar_disabled(sampling.progress), dynamic_ncols=True) as bar:
-                for size, bucket, indices in batches:
+                for size, bucket, indices, rows in batches:
                     out = self.run_batch(token_ids, indices, size, bucket, program,
-                                         sampling.seed)
+                                         sampling.seed, prefill_rows=rows)
                     generated += self._collect(out, indices, k, samples)
                     steps += int(out["steps"])
                     elapsed = time.perf_counter() - start
@@ -390,7 +400,7 @@ class Sampler:
             samples=samples, prompt_token_ids=token_ids,  # type: ignore[arg-type]
             num_truncated=num_truncated, num_generated_tokens=generated,
             seconds=time.perf_counter() - start, num_batches=len(batches), decode_steps=steps,
-            shapes=sorted({(size, bucket) for size, bucket, _ in batches}))
+            shapes=sorted({(b.size, b.bucket) for b in batches}))
 
     def _collect(self, out: dict[str, np.ndarray], indices: list[int], k: int,
                  samples: list[list[Sample | None]]) -> int:

@@ -3,8 +3,9 @@
 A run keeps S decode slots (`SlotProgram.slots`, a multiple of the data-parallel size), each
 holding one (prompt, sample) request:
 
-    cache    per layer, per chunk c {"k", "v"} [S, kv_heads, block, head_dim]: indices
-             c*block.. of each slot's sequence (its prompt at index 0..)
+    cache    per layer, per chunk c {"k" [S, kv_heads, head_dim, block] (transposed),
+             "v" [S, kv_heads, block, head_dim]}: indices c*block.. of each slot's sequence
+             (its prompt at index 0..)
     state    logits [S, vocab] float32 (next-token logits, ready to sample), lengths [S]
              (tokens in the cache), generated [S] (tokens sampled), active [S] bool,
              prompt_index [S], sample_index [S]
@@ -35,9 +36,14 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from dice_jax.models.config import ModelConfig
-from dice_jax.models.decode import SEGMENT_AXES, prompt_segments, split_layers
+from dice_jax.models.decode import prompt_segments, split_layers
 from dice_jax.models.decoder import Decoder, init_cache
-from dice_jax.models.slot_decode import attention_block, slot_decode_step, slot_groups
+from dice_jax.models.slot_decode import (
+    CHUNK_AXES,
+    attention_block,
+    slot_decode_step,
+    slot_groups,
+)
 from dice_jax.sampling.distributions import Distribution, next_tokens, token_logprobs
 from dice_jax.sampling.generate import SAMPLING_RULES, Program, constrain
 from dice_jax.sharding import Rules
@@ -78,7 +84,8 @@ class SlotProgram:
 
 
 def _pin_cache(cache: Cache, program: SlotProgram) -> Cache:
-    return jax.tree.map(lambda a: constrain(a, SEGMENT_AXES, program.placement), cache)
+    return [[{n: constrain(chunk[n], CHUNK_AXES[n], program.placement) for n in ("k", "v")}
+             for chunk in layer] for layer in cache]
 
 
 def _pin_state(state: dict, program: SlotProgram) -> dict:
@@ -93,8 +100,9 @@ def init_slots(program: SlotProgram, slots: int) -> tuple[Cache, dict]:
     cfg = program.config
     block = attention_block(program.capacity)
     shape = (slots, cfg.num_kv_heads, block, cfg.head_dim)
+    key_shape = (slots, cfg.num_kv_heads, cfg.head_dim, block)
     dtype = jnp.dtype(program.cache_dtype or cfg.dtype)
-    cache = [[{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    cache = [[{"k": jnp.zeros(key_shape, dtype), "v": jnp.zeros(shape, dtype)}
               for _ in range(program.capacity // block)] for _ in range(cfg.num_layers)]
     zeros = jnp.zeros((slots,), jnp.int32)
     state = {"logits": jnp.zeros((slots, cfg.vocab_size), jnp.float32), "lengths": zeros,
@@ -159,8 +167,10 @@ def insert(cache: Cache, state: dict, staging: Cache, staging_logits: Array, slo
         if start >= p:
             return chunk
         end = min(start + block, p)
-        return {n: chunk[n].at[slots, :, :end - start].set(stage[n][rows, :, start:end],
-                                                          mode="drop") for n in ("k", "v")}
+        keys = jnp.swapaxes(stage["k"][rows, :, start:end], -1, -2)
+        return {"k": chunk["k"].at[slots, :, :, :end - start].set(keys, mode="drop"),
+                "v": chunk["v"].at[slots, :, :end - start].set(stage["v"][rows, :, start:end],
+                                                              mode="drop")}
 
     cache = [[fill(chunk, stage, c * block) for c, chunk in enumerate(layer)]
              for layer, stage in zip(cache, staging)]

@@ -27,7 +27,8 @@ import numpy as np
 from dice_jax.dice.scoring import score_samples
 from dice_jax.errors import DiceError
 from dice_jax.judge.score import score_response
-from dice_jax.sampling.sampler import Sampler, SamplingConfig
+from dice_jax.sampling.config import SamplingConfig
+from dice_jax.sampling.sampler import Sampler
 from dice_jax.sampling.store import SampleSet
 
 
