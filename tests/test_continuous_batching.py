@@ -38,7 +38,7 @@ def flat(result):
 
 
 PROGRAMS = (slot_programs.prefill, slot_programs.insert, slot_programs.decode_chunk,
-            slot_programs.resize, slot_programs.permute)
+            slot_programs.resize, slot_programs.permute_layer, slot_programs.permute_state)
 
 
 def compiled_programs():

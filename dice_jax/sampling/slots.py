@@ -205,12 +205,27 @@ def resize(cache: Cache, state: dict, keep: Array, *, program: SlotProgram, slot
     return _take_slots(cache, state, keep, program)
 
 
-@functools.partial(jax.jit, static_argnames=("program",), donate_argnames=("cache", "state"))
+@functools.partial(jax.jit, static_argnames=("program",), donate_argnames=("layer",))
+def permute_layer(layer: list[dict], order: Array, *, program: SlotProgram) -> list[dict]:
+    """One layer's chunks with their slots reordered: new slot i is old slot `order[i]`."""
+    return [{n: constrain(jnp.take(chunk[n], order, axis=0), CHUNK_AXES[n], program.placement)
+             for n in ("k", "v")} for chunk in layer]
+
+
+@functools.partial(jax.jit, static_argnames=("program",), donate_argnames=("state",))
+def permute_state(state: dict, order: Array, *, program: SlotProgram) -> dict:
+    """The state's slots reordered as `permute_layer` reorders the cache."""
+    return _pin_state({n: jnp.take(a, order, axis=0) for n, a in state.items()}, program)
+
+
 def permute(cache: Cache, state: dict, order: Array, *, program: SlotProgram
             ) -> tuple[Cache, dict]:
-    """The same slots reordered: new slot i is old slot `order[i]` (donated, so the old
-    set's buffers are reused as the new one is built)."""
-    return _take_slots(cache, state, order, program)
+    """The same slots reordered: new slot i is old slot `order[i]` (`order` a permutation).
+
+    One program call per layer, each donating its layer: a gather cannot write over its
+    own input, and as one program XLA kept a whole second cache alive for it."""
+    return ([permute_layer(layer, order, program=program) for layer in cache],
+            permute_state(state, order, program=program))
 
 
 @functools.partial(jax.jit, static_argnames=("program",), donate_argnames=("cache", "state"))
