@@ -146,9 +146,8 @@ def plan_slots(config: Any, lengths: list[int], num_samples: int, max_new_tokens
     staged = min(MAX_STAGED_PROMPTS, len(lengths), -(-slots // num_samples) + 1)
     per_shard = next_power_of_two(-(-staged // data_parallel))
     sizes = tuple(data_parallel << i for i in range(per_shard.bit_length()))
-    limits = tuple(max([s for s in sizes if s <= prefill_fit(config, bucket, budget_bytes,
-                                                              cache_dtype)] or sizes[:1])
-                   for bucket in buckets)
+    fits = [prefill_fit(config, bucket, budget_bytes, cache_dtype) for bucket in buckets]
+    limits = tuple(max([s for s in sizes if s <= fit] or sizes[:1]) for fit in fits)
     return SlotPlan(slots, tuple(widths), capacity, max_prompt, staged + 1,
                     tuple(buckets), sizes, limits)
 

@@ -83,9 +83,13 @@ class SlotProgram:
                        mesh=self.mesh, rules=self.rules)
 
 
+def _pin_layer(layer: list[dict], program: SlotProgram) -> list[dict]:
+    return [{n: constrain(chunk[n], CHUNK_AXES[n], program.placement) for n in ("k", "v")}
+            for chunk in layer]
+
+
 def _pin_cache(cache: Cache, program: SlotProgram) -> Cache:
-    return [[{n: constrain(chunk[n], CHUNK_AXES[n], program.placement) for n in ("k", "v")}
-             for chunk in layer] for layer in cache]
+    return [_pin_layer(layer, program) for layer in cache]
 
 
 def _pin_state(state: dict, program: SlotProgram) -> dict:
@@ -208,8 +212,7 @@ def resize(cache: Cache, state: dict, keep: Array, *, program: SlotProgram, slot
 @functools.partial(jax.jit, static_argnames=("program",), donate_argnames=("layer",))
 def permute_layer(layer: list[dict], order: Array, *, program: SlotProgram) -> list[dict]:
     """One layer's chunks with their slots reordered: new slot i is old slot `order[i]`."""
-    return [{n: constrain(jnp.take(chunk[n], order, axis=0), CHUNK_AXES[n], program.placement)
-             for n in ("k", "v")} for chunk in layer]
+    return _pin_layer(jax.tree.map(lambda a: jnp.take(a, order, axis=0), layer), program)
 
 
 @functools.partial(jax.jit, static_argnames=("program",), donate_argnames=("state",))
