@@ -179,3 +179,26 @@ def test_gold_scores_are_the_judges_verdicts_recorded_with_the_builtin_pairs():
                                           for r in rows])
     assert np.isnan(gold[6]).all()
     assert gold_scores(scored, [{"prompt": r["prompt"]} for r in rows]) is None
+
+
+def test_offline_baselines_hold_out_round_0s_pairs_every_round(tmp_path):
+    from dice_jax.data import synthetic_preferences
+    from dice_jax.run.stages import holdout_split, rows_digest
+    from tests.test_train_run import train
+
+    rows = synthetic_preferences(48, 0)
+    path = tmp_path / "pairs.jsonl"
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    run_dir = str(tmp_path / "run")
+    train(run_dir, f"--config.data.offline={path}", "--config.method=offline_dpo",
+          "--config.rounds=2", "--config.eval.enabled=false")
+    with open(os.path.join(run_dir, "manifest.json")) as f:
+        stages = json.load(f)["stages"]
+    # Round t trains with seed round_seed(t); the split must still be round 0's (seed 0).
+    held = rows_digest(holdout_split(rows, 8, 0)[1])
+    assert held != rows_digest(holdout_split(rows, 8, 1)[1])
+    for t in (0, 1, 2):
+        info = stages[f"round_{t}/train"]
+        assert (info["train_pairs"], info["eval_pairs"]) == (40, 8)
+        assert info["heldout_digest"] == held

@@ -10,10 +10,11 @@
     export                             the final policy as an HF folder
     summary.md                         Table-1-shaped summary of every evaluated model
 
-The baselines skip sampling: `offline_dpo` trains every round on D_offline with the
-original reference pi_ref(0); `offline_dpo_new_ref` does the same with pi_theta(t-1) as the
-reference. Every stage is skipped when the manifest says it is complete, so running the
-same command again resumes a killed run at its first incomplete stage.
+The baselines skip sampling: `offline_dpo` trains every round on D_offline (less the pairs
+round 0 holds out) with the original reference pi_ref(0); `offline_dpo_new_ref` does the
+same with pi_theta(t-1) as the reference. Every stage is skipped when the manifest says it
+is complete, so running the same command again resumes a killed run at its first
+incomplete stage.
 """
 
 from __future__ import annotations
@@ -61,9 +62,9 @@ class DiceRun:
 
     @property
     def heldout(self) -> list[dict[str, Any]]:
-        """D_offline's held-out pairs: the split round 0's training holds out, which no
-        round trains on (replay and the guard's fallback draw from the rest); the data
-        stage checks the implicit reward on them."""
+        """D_offline's held-out pairs: the split round 0's training (and every round of the
+        baselines) holds out, which no round trains on (replay and the guard's fallback draw
+        from the rest); the data stage checks the implicit reward on them."""
         return self._offline_split()[1]
 
     @property
@@ -101,8 +102,9 @@ class DiceRun:
 
         self._stage(f"{name}/eval", work)
 
-    def _train(self, t: int, rows_of: Any, reference_source: str | None) -> None:
-        """DPO for round t from pi_theta(t-1); `reference_source=None`: pi_theta(t-1)."""
+    def _train(self, t: int, split_of: Any, reference_source: str | None) -> None:
+        """DPO for round t from pi_theta(t-1) on `split_of()` = (train rows, held-out rows);
+        `reference_source=None`: pi_theta(t-1)."""
         name = f"round_{t}/train"
         init = self.models.policy_source(t - 1) if t > 0 else self.config.model.policy
         cfg = stages.round_settings(self.config, self.round_seed(t), self.progress)[2]
@@ -114,10 +116,9 @@ class DiceRun:
             reference = None if reference_source in (None, init) else self.models.load(
                 reference_source)
             out, info = stages.train_stage(
-                folder, name, rows_of(), params, self.models.model_config,
-                self.models.tokenizer, cfg, self.mesh, self.config.data.eval_pairs,
-                reference_params=reference, reference_id=reference_source or init,
-                progress=self.progress)
+                folder, name, *split_of(), params, self.models.model_config,
+                self.models.tokenizer, cfg, self.mesh, reference_params=reference,
+                reference_id=reference_source or init, progress=self.progress)
             trained["params"] = out
             return info
 
@@ -126,7 +127,7 @@ class DiceRun:
             self.models.remember(self.models.trained_policy(t), trained["params"])
 
     def _round_zero(self) -> None:
-        self._train(0, lambda: self.offline, self.models.reference_source(0))
+        self._train(0, self._offline_split, self.models.reference_source(0))
         self._eval("round_0", self.models.policy_source(0))
 
     def _dice_round(self, t: int) -> None:
@@ -179,7 +180,9 @@ class DiceRun:
         if self.folder.info(data_name).get("guard_action") == "offline":
             log.warning("round %d trains on D_offline: its implicit reward failed the "
                         "held-out check (dice.guard.action=offline)", t)
-        self._train(t, lambda: stages.read_mixed(data_dir), None)
+        self._train(t, lambda: stages.holdout_split(stages.read_mixed(data_dir),
+                                                    c.data.eval_pairs, self.round_seed(t)),
+                    None)
 
     def _finish_round(self, t: int) -> None:
         self._eval(f"round_{t}", self.models.policy_source(t))
@@ -211,10 +214,12 @@ class DiceRun:
         for t in range(1, c.rounds + 1):
             if c.method in ("dice", "llm_judge"):
                 self._dice_round(t)
+            # The baselines hold out round 0's pairs every round: none ever trains on the
+            # pairs their evaluation (and DICE's reward check) uses.
             elif c.method == "offline_dpo":
-                self._train(t, lambda: self.offline, self.models.reference_source(0))
+                self._train(t, self._offline_split, self.models.reference_source(0))
             else:  # offline_dpo_new_ref: the same data, pi_theta(t-1) as the reference
-                self._train(t, lambda: self.offline, None)
+                self._train(t, self._offline_split, None)
             self._finish_round(t)
         last = c.rounds if c.rounds else 0
         self._export("export", self.models.policy_source(last))

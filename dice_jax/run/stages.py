@@ -16,6 +16,8 @@ these call (`dice_jax.dice`, `dice_jax.training`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import shutil
 import time
@@ -321,11 +323,16 @@ def holdout_split(rows: list[dict[str, Any]], eval_pairs: int, seed: int
     return split_holdout(rows, num_eval, seed) if num_eval else (rows, [])
 
 
-def tokenized_split(rows: list[dict[str, Any]], tokenizer: Any, model_config: ModelConfig,
-                    cfg: TrainConfig, eval_pairs: int, seed: int
+def rows_digest(rows: list[dict[str, Any]]) -> str:
+    """A short SHA-256 of a set of preference rows (order-free): which pairs a stage held out."""
+    lines = sorted(json.dumps(r, sort_keys=True, ensure_ascii=False) for r in rows)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
+def tokenized_split(train_rows: list[dict[str, Any]], eval_rows: list[dict[str, Any]],
+                    tokenizer: Any, model_config: ModelConfig, cfg: TrainConfig
                     ) -> tuple[PairArrays, PairArrays | None, dict[str, Any]]:
-    """Held-out split (seeded) and tokenisation of a round's training rows."""
-    train_rows, eval_rows = holdout_split(rows, eval_pairs, seed)
+    """Tokenisation of a round's training rows and of the rows it holds out."""
     kwargs = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                   truncation_mode=cfg.truncation_mode, config_eos=model_config.eos_token_ids,
                   pad_to_multiple=cfg.pad_to_multiple)
@@ -335,15 +342,17 @@ def tokenized_split(rows: list[dict[str, Any]], tokenizer: Any, model_config: Mo
         raise DiceError(f"only {len(train)} training pairs ({stats.summary()}), fewer than "
                         f"one batch of train.batch_size={cfg.batch_size}")
     return train, held, {"train_pairs": len(train), "eval_pairs": 0 if held is None else
-                         len(held), "data": stats.summary()}
+                         len(held), "heldout_digest": rows_digest(eval_rows),
+                         "data": stats.summary()}
 
 
-def train_stage(folder: str, stage: str, rows: list[dict[str, Any]], params: Any,
-                model_config: ModelConfig, tokenizer: Any, cfg: TrainConfig, mesh: Mesh,
-                eval_pairs: int, reference_params: Any = None,
+def train_stage(folder: str, stage: str, rows: list[dict[str, Any]],
+                held_rows: list[dict[str, Any]], params: Any, model_config: ModelConfig,
+                tokenizer: Any, cfg: TrainConfig, mesh: Mesh, reference_params: Any = None,
                 reference_id: str | None = None, progress: bool = True
                 ) -> tuple[Any, dict[str, Any]]:
-    """Algorithm 1, line 6: DPO on the round's rows, resumable from its checkpoints.
+    """Algorithm 1, line 6: DPO on the round's rows, resumable from its checkpoints; the
+    trainer evaluates on `held_rows` (split off by the caller, never trained on).
 
     Writes `policy/` (a dice-jax checkpoint of the trained weights), `metrics.jsonl` and
     `tensorboard/`. The trainer's own checkpoints (with optimizer state) are deleted once
@@ -354,8 +363,7 @@ def train_stage(folder: str, stage: str, rows: list[dict[str, Any]], params: Any
     policy_dir = os.path.join(folder, POLICY_DIR)
     if is_checkpoint(policy_dir):  # killed after training, before the stage was recorded
         return None, {"resumed": "policy already written"}
-    train, held, info = tokenized_split(rows, tokenizer, model_config, cfg, eval_pairs,
-                                        cfg.seed)
+    train, held, info = tokenized_split(rows, held_rows, tokenizer, model_config, cfg)
     trainer = DPOTrainer(cfg, model_config, params, train, folder, held,
                          reference_params=reference_params, reference_id=reference_id,
                          mesh=mesh, progress=progress)
