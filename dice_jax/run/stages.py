@@ -329,7 +329,7 @@ def rows_digest(rows: list[dict[str, Any]]) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
-def tokenized_split(train_rows: list[dict[str, Any]], eval_rows: list[dict[str, Any]],
+def tokenize_round(train_rows: list[dict[str, Any]], eval_rows: list[dict[str, Any]],
                     tokenizer: Any, model_config: ModelConfig, cfg: TrainConfig
                     ) -> tuple[PairArrays, PairArrays | None, dict[str, Any]]:
     """Tokenisation of a round's training rows and of the rows it holds out."""
@@ -363,7 +363,7 @@ def train_stage(folder: str, stage: str, rows: list[dict[str, Any]],
     policy_dir = os.path.join(folder, POLICY_DIR)
     if is_checkpoint(policy_dir):  # killed after training, before the stage was recorded
         return None, {"resumed": "policy already written"}
-    train, held, info = tokenized_split(rows, held_rows, tokenizer, model_config, cfg)
+    train, held, info = tokenize_round(rows, held_rows, tokenizer, model_config, cfg)
     trainer = DPOTrainer(cfg, model_config, params, train, folder, held,
                          reference_params=reference_params, reference_id=reference_id,
                          mesh=mesh, progress=progress)
