@@ -35,8 +35,8 @@ Sides measured in separate runs can be combined: `--save FILE` writes this run's
 `--load FILE` adds the rows of an earlier run of the same workload for sides not run now.
 
 Usage: python benchmarks/sampling.py [--workload default|long] [--devices 1,2] [--prompts N]
-           [--skip-hf] [--skip-static] [--skip-continuous] [--skip-vllm]
-           [--vllm-python PATH] [--save FILE] [--load FILE]
+           [--cache-budget-gb G] [--flat-slots] [--skip-hf] [--skip-static]
+           [--skip-continuous] [--skip-vllm] [--vllm-python PATH] [--save FILE] [--load FILE]
 """
 
 from __future__ import annotations
@@ -181,6 +181,7 @@ def jax_worker() -> None:
     mesh = make_mesh({"data": devices, "fsdp": 1, "tensor": 1}) if devices > 1 else None
     sampler = Sampler(model.params, model.config, model.tokenizer, mesh=mesh)
     extra = {} if req["cache_budget_gb"] is None else {"cache_budget_gb": req["cache_budget_gb"]}
+    extra["tiered_slots"] = not req.get("flat_slots", False)
     cfg = SamplingConfig(num_samples=req["samples"], max_new_tokens=req["max_new_tokens"],
                          temperature=req["temperature"], top_p=req["top_p"], top_k=0,
                          seed=SEED, stop_token_ids=(STOP_ID,), progress=False, **extra)
@@ -216,14 +217,15 @@ def run_jax(devices: int, engine: str, args: argparse.Namespace) -> dict:
     request = {"prompts": args.prompts, "samples": args.samples,
                "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                "top_p": args.top_p, "repeats": args.repeats, "engine": engine,
-               "cache_budget_gb": args.cache_budget_gb}
+               "cache_budget_gb": args.cache_budget_gb, "flat_slots": args.flat_slots}
     r = run_worker([sys.executable, __file__, "--worker", "jax"], request, env,
                    f"jax worker ({devices} devices, engine={engine})")
     run = min(r["runs"], key=lambda run: run["seconds"])
     ran = run["engine"]
     if ran == "continuous":
         detail = (f"{run['steps']} decode steps x ~{run['slot_steps'] / max(run['steps'], 1):.0f}"
-                  f" slots, utilisation {run['utilisation']:.1%}")
+                  f" slots, utilisation {run['utilisation']:.1%}"
+                  f"{', whole slots only' if args.flat_slots else ''}")
     else:
         detail = (f"{run['batches']} batch(es) {run['shapes']}, {run['steps']} decode steps, "
                   f"{1000 * run['seconds'] / max(run['steps'], 1):.0f} ms/step")
@@ -401,6 +403,8 @@ def main() -> None:
                         help="dice-jax engine of the default workload (long runs both)")
     parser.add_argument("--cache-budget-gb", type=float,
                         help="dice-jax SamplingConfig.cache_budget_gb (default: its default)")
+    parser.add_argument("--flat-slots", action="store_true",
+                        help="dice-jax SamplingConfig.tiered_slots=False (every slot whole)")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-static", action="store_true", help="long: no static batching")
     parser.add_argument("--skip-continuous", action="store_true",

@@ -7,15 +7,17 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import save_hf, tiny_hf_model
+from helpers import run_on_cpu_devices, save_hf, tiny_hf_model
 
 from dice_jax.checkpoints.hf import import_hf_folder
 from dice_jax.models.decoder import cache_bytes
-from dice_jax.models.slot_decode import slot_attention
+from dice_jax.models.slot_decode import slot_attention, slot_rows, write_slots
 from dice_jax.sampling import Sampler, SamplingConfig
 from dice_jax.sampling import engine as slot_engine
+from dice_jax.sampling import plan as slot_plan
 from dice_jax.sampling import slots as slot_programs
 from dice_jax.sampling.engine import attention_cost, grouped_order
+from dice_jax.sampling.plan import plan_slots
 
 # 1 to 70 tokens: prompt buckets 16, 32 and 128 in one call.
 PROMPT_LENGTHS = [12, 7, 3, 70, 20, 5, 16, 1, 9]
@@ -59,7 +61,7 @@ def test_same_samples_from_one_three_and_many_slots(llama, monkeypatch):
     # the samples are checked across many reorders.
     monkeypatch.setattr(slot_engine, "REORDER_GAIN", 0.0)
     # Narrow the tail (24 -> 12 -> 6 slots) although rows take 80 tokens at most.
-    monkeypatch.setattr(slot_engine, "NEW_TOKENS_PER_NARROWING", 40)
+    monkeypatch.setattr(slot_plan, "NEW_TOKENS_PER_NARROWING", 40)
     sampler = Sampler(params, config)
     rows = prompts(seed=3)
     # Two common stop ids: most rows stop early, at many different lengths; the rest run
@@ -111,6 +113,22 @@ def test_budget_below_one_slot_names_the_prompt_and_sizes(llama):
         sampler.sample(rows, cfg, engine="fast")
 
 
+def numpy_attention(q, k, v, lengths):
+    """Each slot's new-token attention over its own first `lengths[i]` keys, in numpy: q
+    `[S, heads, d]`, k / v `[S, kv_heads, keys, d]`."""
+    s, h, d = q.shape
+    kv = k.shape[1]
+    want = np.zeros_like(q)
+    for i in range(s):
+        for head in range(h):
+            group = head // (h // kv)
+            keys, values = k[i, group, :lengths[i]], v[i, group, :lengths[i]]
+            scores = keys @ q[i, head] / np.sqrt(d)
+            weights = np.exp(scores - scores.max())
+            want[i, head] = weights @ values / weights.sum()
+    return want
+
+
 def test_grouped_slot_attention_matches_numpy():
     """Grouped attention (chunks skipped past each group's longest slot) on 2 shards x 4
     groups against a numpy softmax over each slot's own keys."""
@@ -125,15 +143,108 @@ def test_grouped_slot_attention_matches_numpy():
               "v": jnp.asarray(v[:, :, c * block:(c + 1) * block])} for c in range(chunks)]
     got = np.asarray(slot_attention(jnp.asarray(q), split, jnp.asarray(lengths, jnp.int32),
                                     None, 4, 2))
-    want = np.zeros_like(q)
-    for i in range(s):
-        for head in range(h):
-            group = head // (h // kv)
-            keys, values = k[i, group, :lengths[i]], v[i, group, :lengths[i]]
-            scores = keys @ q[i, head] / np.sqrt(d)
-            weights = np.exp(scores - scores.max())
-            want[i, head] = weights @ values / weights.sum()
-    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(got, numpy_attention(q, k, v, lengths), atol=1e-5)
+
+
+def test_tiered_slot_attention_and_writes_match_numpy():
+    """A tiered set (chunk c holds only the slots of the groups reaching it: 2 shards x 4
+    groups holding 5, 5, 3, 2 chunks): a write lands in the slot's own row of its chunk,
+    and attention equals a numpy softmax over each slot's own keys."""
+    rng = np.random.default_rng(1)
+    s, kv, h, d, block, shards = 16, 2, 4, 8, 4, 2
+    group_chunks = (5, 5, 3, 2)
+    n = s // (shards * 4)
+    limits = np.asarray(group_chunks)[np.arange(s) // n % 4] * block
+    k = rng.normal(size=(s, kv, block * 5, d)).astype(np.float32)
+    v = rng.normal(size=(s, kv, block * 5, d)).astype(np.float32)
+    q = rng.normal(size=(s, h, d)).astype(np.float32)
+    lengths = np.minimum(rng.integers(1, block * 5 + 1, size=s), limits)
+    chunks = []
+    for c in range(5):
+        rows = slot_rows(s, shards, group_chunks, c)
+        held = np.argsort(np.where(rows >= 0, rows, s))[:int((rows >= 0).sum())]
+        assert (rows[held] == np.arange(len(held))).all()
+        chunks.append({"k": jnp.asarray(k[held, :, c * block:(c + 1) * block].swapaxes(-1, -2)),
+                       "v": jnp.asarray(v[held, :, c * block:(c + 1) * block])})
+    # Write each slot's last key/value afresh (zeroed first) at index length - 1.
+    last = lengths - 1
+    new_k, new_v = k[np.arange(s), :, last], v[np.arange(s), :, last]
+    for c, chunk in enumerate(chunks):
+        rows = slot_rows(s, shards, group_chunks, c)
+        for slot in range(s):
+            if rows[slot] >= 0 and last[slot] // block == c:
+                chunk["k"] = chunk["k"].at[rows[slot], :, :, last[slot] % block].set(0.0)
+                chunk["v"] = chunk["v"].at[rows[slot], :, last[slot] % block].set(0.0)
+    chunks = write_slots(chunks, jnp.asarray(new_k), jnp.asarray(new_v),
+                         jnp.asarray(last, jnp.int32), 4, shards)
+    got = np.asarray(slot_attention(jnp.asarray(q), chunks, jnp.asarray(lengths, jnp.int32),
+                                    None, 4, shards))
+    np.testing.assert_allclose(got, numpy_attention(q, k, v, lengths), atol=1e-5)
+
+
+def test_tiered_slots_give_the_same_samples_as_static_batches(llama, monkeypatch):
+    """A budget that holds 32 tiered slots (two groups of each shard hold whole sequences,
+    six half of them) but only 20 whole ones: rows that outgrow a short slot pause and are
+    moved up; the samples are the static batches' ones."""
+    params, config = llama
+    moves = []
+    permute = slot_programs.permute
+
+    def counted_permute(cache, state, order, *, program):
+        limits = program.slot_limits(len(order))
+        order_list = np.asarray(order).tolist()
+        moves.append(sum(limits[i] > limits[o] for i, o in enumerate(order_list)))
+        return permute(cache, state, order, program=program)
+
+    monkeypatch.setattr(slot_programs, "permute", counted_permute)
+    monkeypatch.setattr(slot_plan, "NEW_TOKENS_PER_NARROWING", 200)  # 32 -> 16 slots
+    sampler = Sampler(params, config)
+    rows = prompts(seed=5)
+    # One stop id: rows of every length up to the 200-token limit.
+    cfg = SamplingConfig(num_samples=8, max_new_tokens=200, temperature=1.0, top_p=0.95,
+                         seed=11, stop_token_ids=(5,), progress=False)
+    # Prompt bucket 128 + 200 new tokens: 6 chunks of 64 a whole slot; 3 in a short one
+    # (the bucket and one 64-step decode call).
+    logits = config.vocab_size * 4
+    chunk = cache_bytes(config, 1, 64)
+    staged = 10 * (cache_bytes(config, 1, 128) + logits)
+    budget = staged + 4 * (30 * chunk + 8 * logits)
+    cfg = dataclasses.replace(cfg, cache_budget_gb=budget / 2**30)
+    plan = plan_slots(config, PROMPT_LENGTHS, 8, 200, budget, None, 16, 1)
+    assert plan.tiers == ((32, (6, 6, 3, 3, 3, 3, 3, 3)),)
+    assert plan.widths == (32, 16)
+    flat_plan = plan_slots(config, PROMPT_LENGTHS, 8, 200, budget, None, 16, 1,
+                           tiered_slots=False)
+    assert flat_plan.tiers == () and 16 <= flat_plan.slots <= 20  # whole slots only
+    assert budget < staged + 21 * (6 * chunk + logits)  # whole slots: 20 at most
+    static = sampler.sample(rows, cfg, engine="static")
+    tiered = sampler.sample(rows, cfg, engine="continuous")
+    lengths = [s.length + len(rows[s.prompt_index]) for s in flat(static)]
+    assert sum(n > 3 * 64 for n in lengths) >= 8  # rows that outgrow a short slot
+    assert any(s.finish_reason == "length" for s in flat(static))
+    assert sum(moves) > 0  # rows moved from a short slot to a longer one
+    assert tiered.num_generated_tokens == static.num_generated_tokens
+    for a, b in zip(flat(static), flat(tiered)):
+        assert (b.prompt_index, b.sample_index) == (a.prompt_index, a.sample_index)
+        assert b.token_ids.tolist() == a.token_ids.tolist(), (a.prompt_index, a.sample_index)
+        assert b.finish_reason == a.finish_reason
+        np.testing.assert_allclose(b.logprobs, a.logprobs, atol=1e-4)
+
+
+def test_tiered_slots_on_two_data_shards_give_the_same_samples(tmp_path):
+    """Tiered slots split over a 2-way `data` mesh (each shard's groups tiered alike) against
+    static batches on one device."""
+    folder = save_hf(tiny_hf_model("llama", initializer_range=0.3), str(tmp_path))
+    result = run_on_cpu_devices("tiered_sampling.py", folder, devices=2)
+    tiered, static = result["tiered"], result["static"]
+    assert tiered["engine"] == "continuous"
+    assert tiered["tiers"] == [[64, [4, 4, 2, 2, 2, 2, 2, 2]]]
+    assert sum(n > 2 * 64 for n in static["lengths"]) >= 8  # rows outgrowing a short slot
+    assert tiered["moved"] > 0
+    assert tiered["tokens"] == static["tokens"]
+    for a, b in zip(tiered["logprobs"], static["logprobs"]):
+        for x, y in zip(a, b):
+            np.testing.assert_allclose(x, y, atol=1e-4)
 
 
 def test_grouped_order_puts_similar_lengths_together():

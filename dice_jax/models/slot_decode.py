@@ -3,8 +3,9 @@
 The continuous-batching sampler keeps S slots busy; each slot holds one sequence (its
 prompt, then its generated tokens) in its own cache row, at its own length:
 
-    cache[layer][c] = {"k" [S, kv_heads, head_dim, block], "v" [S, kv_heads, block, head_dim]}
-                      (chunk c: indices c*block..; logical `KEY_AXES` / `SEGMENT_AXES`)
+    cache[layer][c] = {"k" [R_c, kv_heads, head_dim, block], "v" [R_c, kv_heads, block, head_dim]}
+                      (chunk c: indices c*block..; logical `KEY_AXES` / `SEGMENT_AXES`;
+                      R_c = S, or the slots of the groups reaching chunk c: `slot_rows`)
     lengths [S] int32: tokens already in each slot's cache
 
 A step feeds one token per slot at cache index `lengths[s]` (also its RoPE position: a
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dice_jax.models.config import ModelConfig
 from dice_jax.models.decode import SEGMENT_AXES, Segment, _rope, step_inputs, step_logits
@@ -60,20 +62,60 @@ def slot_groups(width: int, shards: int) -> int:
     return groups
 
 
+TIER_HALVINGS = 3  # the shortest tier holds 1/2**3 of the longest one's chunks
+
+
+def tier_chunks(chunks: int, min_chunks: int, groups: int) -> tuple[int, ...]:
+    """Cache chunks each of `groups` attention groups holds in a tiered slot set: groups
+    come in `TIER_HALVINGS + 1` equal tiers, tier i holding `ceil(chunks / 2**i)` chunks (at
+    least `min_chunks`), so the first tier holds whole sequences and later ones shorter
+    ones. Non-increasing; `groups` a multiple of the tier count."""
+    tiers = TIER_HALVINGS + 1
+    return tuple(max(min_chunks, -(-chunks // 2 ** (j * tiers // groups)))
+                 for j in range(groups))
+
+
+def chunk_groups(group_chunks: tuple[int, ...], c: int) -> int:
+    """Groups (per shard) holding chunk `c`: the first ones, as chunks are non-increasing."""
+    return sum(n > c for n in group_chunks)
+
+
+def slot_rows(width: int, shards: int, group_chunks: tuple[int, ...], c: int) -> np.ndarray:
+    """Row of each of `width` slots in chunk `c`'s arrays, -1 where the slot's group does
+    not hold that chunk, int32 `[width]`. Chunk c stores the slots of its groups only,
+    shard by shard: slot (shard p, group j, i) at row `(p * groups_c + j) * n + i`."""
+    groups = len(group_chunks)
+    n, held = width // (shards * groups), chunk_groups(group_chunks, c)
+    slot = np.arange(width)
+    p, j, i = slot // (groups * n), slot // n % groups, slot % n
+    return np.where(j < held, (p * held + j) * n + i, -1).astype(np.int32)
+
+
+def slot_limits(width: int, shards: int, group_chunks: tuple[int, ...], block: int
+                ) -> np.ndarray:
+    """Cache entries each of `width` slots holds (its group's chunks x `block`), int32."""
+    groups = len(group_chunks)
+    n = width // (shards * groups)
+    return (np.asarray(group_chunks)[np.arange(width) // n % groups] * block).astype(np.int32)
+
+
 def slot_attention(q: Array, chunks: list[Segment], lengths: Array, window: int | None,
                    groups: int = 1, shards: int = 1) -> Array:
     """Attention of one new token per slot over its own cache.
 
-    q `[S, heads, head_dim]`; the cache as chunks of k `[S, kv_heads, head_dim, block]` and v
-    `[S, kv_heads, block, head_dim]` (chunk c holds indices c*block ..), already holding the
-    new token at index `lengths - 1`; lengths `[S]` int32 (keys per slot, new token
+    q `[S, heads, head_dim]`; the cache as chunks of k `[R_c, kv_heads, head_dim, block]` and
+    v `[R_c, kv_heads, block, head_dim]` (chunk c holds indices c*block ..), already holding
+    the new token at index `lengths - 1`; lengths `[S]` int32 (keys per slot, new token
     included). Keys at index >= length, or `window` or more indices behind the new token,
     are masked.
 
     The slots of each of `shards` equal data shards form `groups` equal groups (group j of a
-    shard: its slots j*n .. (j+1)*n - 1); a chunk past the longest slot of a group is
-    skipped for that group (`lax.cond`), so a step reads about as many keys as the slots
-    hold when slots of similar length share a group (the engine orders them so). Returns
+    shard: its slots j*n .. (j+1)*n - 1). Chunk c holds the slots of the first `G_c` groups
+    of each shard (`R_c = shards * G_c * n` rows, `slot_rows`; `G_c` non-increasing in c: a
+    tiered set whose later groups hold shorter sequences; `G_c = groups` everywhere when
+    every slot holds the whole cache). A chunk past the longest slot of a group is skipped
+    for that group (`lax.cond`), so a step reads about as many keys as the slots hold when
+    slots of similar length share a group (the engine orders them so). Returns
     `[S, heads, head_dim]` in q's dtype.
     """
     s, h, d = q.shape
@@ -81,7 +123,11 @@ def slot_attention(q: Array, chunks: list[Segment], lengths: Array, window: int 
     g = h // kv
     dtype, f32, scale = q.dtype, jnp.float32, d ** -0.5
     n = s // (shards * groups)
-    split = lambda a: a.reshape(shards, groups, n, *a.shape[1:])  # noqa: E731
+    held = [chunk["v"].shape[0] // (shards * n) for chunk in chunks]
+
+    def split(a: Array, parts: int = groups) -> Array:
+        return a.reshape(shards, parts, n, *a.shape[1:])
+
     qg = split(q.reshape(s, kv, g, d))
     last = split(lengths - 1)
 
@@ -110,9 +156,13 @@ def slot_attention(q: Array, chunks: list[Segment], lengths: Array, window: int 
         carry = (jnp.full((shards, n, kv, g), _MASKED, f32),
                  jnp.zeros((shards, n, kv, g), f32), jnp.zeros((shards, n, kv, g, d), f32))
         for c, chunk in enumerate(chunks):
+            if held[c] <= j:  # this group's slots end before chunk c
+                break
+
             def step(x, chunk=chunk, c=c, j=j):
-                return add_chunk(x, split(chunk["k"])[:, j], split(chunk["v"])[:, j],
-                                 last[:, j], qg[:, j], c * block)
+                return add_chunk(x, split(chunk["k"], held[c])[:, j],
+                                 split(chunk["v"], held[c])[:, j], last[:, j], qg[:, j],
+                                 c * block)
             if c == 0:  # every slot holds at least one key
                 carry = step(carry)
             else:
@@ -122,18 +172,30 @@ def slot_attention(q: Array, chunks: list[Segment], lengths: Array, window: int 
     return jnp.stack(outs, axis=1).astype(dtype).reshape(s, h, d)
 
 
-def write_slots(chunks: list[Segment], k: Array, v: Array, index: Array) -> list[Segment]:
+def write_slots(chunks: list[Segment], k: Array, v: Array, index: Array, groups: int = 1,
+                shards: int = 1) -> list[Segment]:
     """The chunks with each slot's new `k`/`v` `[S, kv, d]` written at its `index [S]`
-    (an index past the last chunk writes nothing)."""
-    rows = jnp.arange(k.shape[0])
+    (an index past the slot's chunks writes nothing). Chunks hold the slots of their first
+    groups, as in `slot_attention`."""
+    s = k.shape[0]
+    n = s // (shards * groups)
     block = chunks[0]["v"].shape[2]
     out = []
     for c, chunk in enumerate(chunks):
-        local = index - c * block
+        held = chunk["v"].shape[0] // (shards * n)
+        if held < groups:  # the slots of the first `held` groups of each shard
+            def mine(a: Array, held: int = held) -> Array:
+                return a.reshape(shards, groups, n, *a.shape[1:])[:, :held].reshape(
+                    shards * held * n, *a.shape[1:])
+            k_c, v_c, index_c = mine(k), mine(v), mine(index)
+        else:
+            k_c, v_c, index_c = k, v, index
+        rows = jnp.arange(k_c.shape[0])
+        local = index_c - c * block
         local = jnp.where((local >= 0) & (local < block), local, block)  # block: dropped
-        out.append({"k": chunk["k"].at[rows, :, :, local].set(k.astype(chunk["k"].dtype),
+        out.append({"k": chunk["k"].at[rows, :, :, local].set(k_c.astype(chunk["k"].dtype),
                                                               mode="drop"),
-                    "v": chunk["v"].at[rows, :, local].set(v.astype(chunk["v"].dtype),
+                    "v": chunk["v"].at[rows, :, local].set(v_c.astype(chunk["v"].dtype),
                                                            mode="drop")})
     return out
 
@@ -148,7 +210,7 @@ def _slot_layer(config: ModelConfig, lp: dict, x: Array, cos: Array, sin: Array,
     q = _rope(qkv[:, :h * d].reshape(s, h, d), cos, sin)
     k = _rope(qkv[:, h * d:(h + kv) * d].reshape(s, kv, d), cos, sin)
     v = qkv[:, (h + kv) * d:].reshape(s, kv, d)
-    cache = write_slots(cache, k, v, lengths)
+    cache = write_slots(cache, k, v, lengths, groups, shards)
     out = slot_attention(q, cache, lengths + 1, config.sliding_window, groups, shards)
     x = x + out.reshape(s, h * d) @ lp["o"]
     gate_up = rms_norm(x, lp["mlp_norm"], config.rms_norm_eps) @ lp["gate_up"]

@@ -43,6 +43,9 @@ class SamplingConfig:
                                             "allows)", min=1)
     max_slots: int | None = setting(None, "continuous engine: decode slots at most (None: "
                                     "as many as the cache budget allows)", min=1)
+    tiered_slots: bool = setting(True, "continuous engine: when requests queue, tier the "
+                                 "slots by length (up to ~2x the rows in the budget; a row "
+                                 "outgrowing a short slot pauses until moved up)")
     progress: bool = setting(True, "progress bar", managed="--quiet")
 
     def __post_init__(self) -> None:

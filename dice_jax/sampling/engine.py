@@ -9,7 +9,16 @@ refills. When the queue is empty the active slots move into a narrower set (half
 once per 256 new tokens a row may take, at most four times), so the tail of long rows does
 not pay for idle slots. Before each chunk the slots may be reordered longest first, so that
 each attention group holds slots of similar length and skips the cache chunks none of them
-has reached. All decisions are made on the host from the gathered chunk outputs, in a fixed
+has reached.
+
+In a tiered set (`plan.plan_slots`: later attention groups hold fewer cache chunks) rows
+are kept longest first, so each sits in a slot that holds it; a row that would outgrow its
+slot within the next call triggers the reorder, and one that reaches its slot's limit
+pauses (no token, same logits) until moved. Sorted lengths fit sorted limits whenever any
+placement does, so a reorder never drops a key; a paused row waits for a longer slot to
+free. Narrower sets hold whole sequences when the budget allows.
+
+All decisions are made on the host from the gathered chunk outputs, in a fixed
 order, so every process makes the same ones.
 """
 
@@ -26,40 +35,12 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dice_jax.distributed import host_tree, put_global
-from dice_jax.models.decoder import cache_bytes
-from dice_jax.models.slot_decode import (
-    MAX_GROUPS,
-    MIN_GROUP,
-    attention_block,
-    slot_capacity,
-    slot_groups,
-)
+from dice_jax.models.slot_decode import attention_block, slot_groups
 from dice_jax.sampling import slots as programs
-from dice_jax.sampling.generate import prefill_fit
+from dice_jax.sampling.plan import MAX_STAGED_PROMPTS, SlotPlan, next_power_of_two
 from dice_jax.sampling.slots import SlotProgram
 
-CHUNK_STEPS = 64  # decode steps per device call at most (the host checks in between)
-MAX_STAGED_PROMPTS = 16  # new prompts prefilled per refill at most
-NARROWING = 2  # each narrower slot set is this many times smaller
-MAX_NARROWINGS = 4  # each narrower set is one more compiled decode program
-# One narrowing per this many new tokens a row may take: a shorter tail does not repay the
-# compile.
-NEW_TOKENS_PER_NARROWING = 256
 REORDER_GAIN = 0.1  # reorder the slots when that reads this fraction fewer keys a step
-
-
-def next_power_of_two(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def round_slots(slots: int, shards: int) -> int:
-    """`slots` (a multiple of `shards`) rounded down to whole attention groups per shard
-    (`slot_decode.slot_groups`), giving up at most an eighth of them."""
-    per_shard, groups = slots // shards, MAX_GROUPS
-    while groups > 1 and not (per_shard // groups >= MIN_GROUP
-                              and 8 * (per_shard % groups) <= per_shard):
-        groups //= 2
-    return per_shard // groups * groups * shards
 
 
 def grouped_order(lengths: list[int], shards: int, groups: int) -> list[int]:
@@ -86,70 +67,6 @@ def attention_cost(lengths: list[int], shards: int, groups: int, block: int) -> 
                       for p in range(shards))
         cost += shards * size * block * max(1, -(-longest // block))
     return cost
-
-
-@dataclasses.dataclass
-class SlotPlan:
-    """The sizes of a continuous-batching run."""
-
-    slots: int  # decode slots (the widest set)
-    widths: tuple[int, ...]  # the slot sets used, widest first
-    capacity: int  # cache entries per slot
-    max_prompt: int  # staged prompt length
-    staging_rows: int
-    buckets: tuple[int, ...]  # prompt lengths the prefill runs at
-    # Rows of a prefill call: the data-parallel size times powers of two (a call's rows are
-    # split over the data shards, never copied to each).
-    prefill_sizes: tuple[int, ...]
-    prefill_limits: tuple[int, ...]  # per bucket: the largest prefill size it may use
-
-
-def plan_slots(config: Any, lengths: list[int], num_samples: int, max_new_tokens: int,
-               budget_bytes: int, cache_dtype: str | None, min_bucket: int, data_parallel: int,
-               max_slots: int | None = None) -> SlotPlan:
-    """Sizes the slots from the memory budget: each slot holds a prompt of the run's longest
-    bucket plus `max_new_tokens`, and its next-token logits; the staging rows hold prompts
-    waiting for slots. Raises ValueError when the budget is below one slot per data shard.
-    A prefill call at a bucket holds as many prompts as `generate.prefill_fit` allows
-    (rounded down to a prefill size; at least one per data shard)."""
-    buckets = sorted({max(min_bucket, next_power_of_two(n)) for n in lengths})
-    max_prompt = buckets[-1]
-    capacity = slot_capacity(max_prompt, max_new_tokens)
-    logits = config.vocab_size * 4
-    per_slot = cache_bytes(config, 1, capacity, cache_dtype) + logits
-    per_row = cache_bytes(config, 1, max_prompt, cache_dtype) + logits
-    requests = len(lengths) * num_samples
-    most_rows = min(MAX_STAGED_PROMPTS, len(lengths)) + 1
-    fit = (budget_bytes - most_rows * per_row) // per_slot
-    if fit < data_parallel:
-        longest = max(range(len(lengths)), key=lambda i: lengths[i])
-        raise ValueError(
-            f"cache_budget_gb={budget_bytes / 2**30:.4g} ({budget_bytes} bytes) is below "
-            f"{data_parallel} decode slot(s) of {per_slot} bytes each: prompt {longest} has "
-            f"{lengths[longest]} tokens (bucket {max_prompt}), + {max_new_tokens} new tokens "
-            f"= {capacity} cache entries a slot; plus {most_rows} staged prompt(s) of "
-            f"{per_row} bytes")
-    want = -(-requests // data_parallel) * data_parallel
-    if max_slots:
-        want = min(want, max(data_parallel, max_slots // data_parallel * data_parallel))
-    slots = int(min(fit // data_parallel * data_parallel, want))
-    if slots < want:  # some requests wait: whole attention groups (all start at once: as is)
-        slots = round_slots(slots, data_parallel)
-    widths = [slots]
-    narrowings = min(MAX_NARROWINGS, max_new_tokens // NEW_TOKENS_PER_NARROWING)
-    while len(widths) <= narrowings and widths[-1] > data_parallel:
-        narrower = round_slots(-(-(widths[-1] // NARROWING) // data_parallel) * data_parallel,
-                               data_parallel)
-        if narrower >= widths[-1] or narrower < 1:
-            break
-        widths.append(narrower)
-    staged = min(MAX_STAGED_PROMPTS, len(lengths), -(-slots // num_samples) + 1)
-    per_shard = next_power_of_two(-(-staged // data_parallel))
-    sizes = tuple(data_parallel << i for i in range(per_shard.bit_length()))
-    fits = [prefill_fit(config, bucket, budget_bytes, cache_dtype) for bucket in buckets]
-    limits = tuple(max([s for s in sizes if s <= fit] or sizes[:1]) for fit in fits)
-    return SlotPlan(slots, tuple(widths), capacity, max_prompt, staged + 1,
-                    tuple(buckets), sizes, limits)
 
 
 @dataclasses.dataclass
@@ -229,7 +146,8 @@ class SlotEngine:
                 order = self._replicated(np.arange(width, dtype=np.int32))
                 cache, state = programs.permute(cache, state, order, program=program)
             cache, state, _ = programs.decode_chunk(self.params, cache, state, seed,
-                                                   jnp.int32(0), program=program)
+                                                   jnp.int32(0), jnp.int32(1),
+                                                   program=program)
             if i + 1 < len(plan.widths):
                 keep = self._replicated(np.arange(plan.widths[i + 1], dtype=np.int32))
                 cache, state = programs.resize(cache, state, keep, program=program,
@@ -261,15 +179,16 @@ class SlotEngine:
                 free = [s for s in range(width) if holder[s] is None]
             narrower = plan.widths[plan.widths.index(width) + 1] if (
                 width != plan.widths[-1]) else None
-            cache, state, holder = self._group_by_length(cache, state, holder, rows, token_ids)
+            cache, state, holder = self._place(cache, state, holder, rows, token_ids)
             if queue:
                 target = len(free) + min(len(queue), max(1, width // 16))
             elif narrower is not None:
                 target = width - narrower
             else:
                 target = width
-            cache, state, out = programs.decode_chunk(self.params, cache, state, seed_array,
-                                                      jnp.int32(target), program=program)
+            cache, state, out = programs.decode_chunk(
+                self.params, cache, state, seed_array, jnp.int32(target),
+                jnp.int32(max(1, width // 16)), program=program)
             out = host_tree(out)
             steps = int(out["steps"])
             stats.decode_steps += steps
@@ -290,33 +209,69 @@ class SlotEngine:
                               stats)
             active = sum(h is not None for h in holder)
             if not queue and narrower is not None and active <= narrower:
-                keep = [s for s, h in enumerate(holder) if h is not None]
-                holder = [holder[s] for s in keep] + [None] * (narrower - len(keep))
-                index = np.asarray(keep + [width] * (narrower - len(keep)), np.int32)
-                cache, state = programs.resize(cache, state, self._replicated(index),
-                                               program=program, slots=narrower)
-                width = narrower
+                keep = self._narrowed(holder, rows, token_ids, narrower)
+                if keep is not None:
+                    holder = [None if s >= width else holder[s] for s in keep]
+                    cache, state = programs.resize(
+                        cache, state, self._replicated(np.asarray(keep, np.int32)),
+                        program=program, slots=narrower)
+                    width = narrower
         return stats
 
-    def _group_by_length(self, cache: list, state: dict, holder: list, rows: dict,
-                         token_ids: list[list[int]]) -> tuple:
-        """Reorders the slots longest first when that saves `REORDER_GAIN` of the keys a step
-        reads (the copy costs about one step's worth)."""
-        shards = self.program.shards
-        groups = slot_groups(len(holder), shards)
+    def _lengths(self, holder: list, rows: dict, token_ids: list[list[int]]
+                 ) -> tuple[list[int], list[int]]:
+        """Per slot: tokens in its cache, and those it may hold by the end of the next
+        decode call (0 / 0 when idle)."""
+        steps, most = self.program.chunk_steps, self.program.max_new_tokens
+        lengths, needs = [], []
+        for h in holder:
+            made = 0 if h is None else len(rows[h][0])
+            lengths.append(0 if h is None else len(token_ids[h[0]]) + made)
+            needs.append(0 if h is None else lengths[-1] + min(steps, most - made))
+        return lengths, needs
+
+    def _place(self, cache: list, state: dict, holder: list, rows: dict,
+               token_ids: list[list[int]]) -> tuple:
+        """Reorders the slots longest first when that lets more rows grow through the next
+        call in a tiered set (fewer rows pausing at a short tier's limit), or when it saves
+        `REORDER_GAIN` of the keys a step reads (the copy costs about one step's worth).
+        Longest first keeps every row within its slot's limit: sorted lengths fit sorted
+        limits whenever any assignment fits, and the current one does."""
+        shards, width = self.program.shards, len(holder)
+        groups = slot_groups(width, shards)
         if groups == 1:
             return cache, state, holder
-        lengths = [0 if h is None else len(token_ids[h[0]]) + len(rows[h][0]) for h in holder]
+        lengths, needs = self._lengths(holder, rows, token_ids)
+        limits = self.program.slot_limits(width)
         block = attention_block(self.program.capacity)
         order = grouped_order(lengths, shards, groups)
+        if order == sorted(order):
+            return cache, state, holder
+        over = sum(need > limit for need, limit in zip(needs, limits))
+        over_after = sum(needs[s] > limit for s, limit in zip(order, limits))
         now = attention_cost(lengths, shards, groups, block)
         after = attention_cost([lengths[s] for s in order], shards, groups, block)
-        if after > (1 - REORDER_GAIN) * now or order == sorted(order):
+        if over_after >= over and after > (1 - REORDER_GAIN) * now:
             return cache, state, holder
         cache, state = programs.permute(cache, state,
                                         self._replicated(np.asarray(order, np.int32)),
                                         program=self.program)
         return cache, state, [holder[s] for s in order]
+
+    def _narrowed(self, holder: list, rows: dict, token_ids: list[list[int]], narrower: int
+                  ) -> list[int] | None:
+        """The slots (an index past the set: idle) of the `narrower`-slot set holding the
+        active ones, longest first, or None while they do not fit its slot limits."""
+        shards = self.program.shards
+        lengths, _ = self._lengths(holder, rows, token_ids)
+        keep = [s for s, h in enumerate(holder) if h is not None]
+        keep += [len(holder)] * (narrower - len(keep))
+        kept = [lengths[s] if s < len(holder) else 0 for s in keep]
+        order = grouped_order(kept, shards, slot_groups(narrower, shards))
+        limits = self.program.slot_limits(narrower)
+        if any(kept[s] > limit for s, limit in zip(order, limits)):
+            return None
+        return [keep[s] for s in order]
 
     def _refill(self, queue: collections.deque, left: list[int], staged: dict[int, int],
                 free_rows: list[int], free: list[int], holder: list, rows: dict,

@@ -28,14 +28,7 @@ from dice_jax.models.decode import init_generated
 from dice_jax.models.decoder import cache_bytes
 from dice_jax.progress import bar_disabled
 from dice_jax.sampling.config import SamplingConfig
-from dice_jax.sampling.engine import (
-    CHUNK_STEPS,
-    EngineStats,
-    Finished,
-    SlotEngine,
-    next_power_of_two,
-    plan_slots,
-)
+from dice_jax.sampling.engine import EngineStats, Finished, SlotEngine
 from dice_jax.sampling.generate import (
     SAMPLING_RULES,
     Program,
@@ -46,6 +39,7 @@ from dice_jax.sampling.generate import (
     prefill_fit,
     prefill_part,
 )
+from dice_jax.sampling.plan import CHUNK_STEPS, next_power_of_two, plan_slots
 from dice_jax.sampling.results import Sample, SamplingResult, make_sample
 from dice_jax.sampling.slots import SlotProgram
 from dice_jax.sharding import logical_to_spec, param_shardings
@@ -335,12 +329,13 @@ class Sampler:
         dp = self._data_parallel()
         plan = plan_slots(self.config, [len(t) for t in token_ids], sampling.num_samples,
                           sampling.max_new_tokens, sampling.cache_budget_bytes,
-                          sampling.cache_dtype, sampling.min_bucket, dp, sampling.max_slots)
+                          sampling.cache_dtype, sampling.min_bucket, dp, sampling.max_slots,
+                          sampling.tiered_slots)
         program = SlotProgram(self.config, sampling.distribution, sampling.max_new_tokens,
                               self.stop_ids(sampling), plan.capacity, plan.max_prompt,
                               plan.staging_rows, min(CHUNK_STEPS, sampling.max_new_tokens),
-                              pad_id=self._pad_id(), cache_dtype=sampling.cache_dtype,
-                              mesh=self.mesh)
+                              tiers=plan.tiers, pad_id=self._pad_id(),
+                              cache_dtype=sampling.cache_dtype, mesh=self.mesh)
         return SlotEngine(self.params, program, plan, self._put)
 
     def _sample_slots(self, token_ids: list[list[int]], num_truncated: int,

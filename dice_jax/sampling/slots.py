@@ -3,9 +3,11 @@
 A run keeps S decode slots (`SlotProgram.slots`, a multiple of the data-parallel size), each
 holding one (prompt, sample) request:
 
-    cache    per layer, per chunk c {"k" [S, kv_heads, head_dim, block] (transposed),
-             "v" [S, kv_heads, block, head_dim]}: indices c*block.. of each slot's sequence
-             (its prompt at index 0..)
+    cache    per layer, per chunk c {"k" [R_c, kv_heads, head_dim, block] (transposed),
+             "v" [R_c, kv_heads, block, head_dim]}: indices c*block.. of each slot's
+             sequence (its prompt at index 0..); R_c = S, or in a tiered set
+             (`SlotProgram.tiers`) the slots of the attention groups that reach chunk c
+             (`slot_decode.slot_rows`), so later groups hold shorter sequences
     state    logits [S, vocab] float32 (next-token logits, ready to sample), lengths [S]
              (tokens in the cache), generated [S] (tokens sampled), active [S] bool,
              prompt_index [S], sample_index [S]
@@ -18,7 +20,9 @@ K samples of a prompt share its one prefill); `decode_chunk` samples and feeds o
 active slot per step, until `max_steps` steps or until `free_target` slots are free;
 `resize` moves the active slots into a narrower (or wider) set when the queue runs dry;
 `permute` reorders the slots so that slots of similar length share an attention group
-(`slot_decode.slot_attention` skips the chunks past each group's longest slot).
+(`slot_decode.slot_attention` skips the chunks past each group's longest slot) and, in a
+tiered set, so that a row about to outgrow its slot moves to a longer one (a row at its
+slot's limit pauses in `decode_chunk` until then).
 
 A sample's token t is drawn with `fold_in(fold_in(fold_in(key(seed), prompt), sample), t)`,
 the static sampler's keys, so a sample depends only on (seed, prompt index, sample index):
@@ -33,6 +37,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from dice_jax.models.config import ModelConfig
@@ -41,8 +46,11 @@ from dice_jax.models.decoder import Decoder, init_cache
 from dice_jax.models.slot_decode import (
     CHUNK_AXES,
     attention_block,
+    chunk_groups,
     slot_decode_step,
     slot_groups,
+    slot_limits,
+    slot_rows,
 )
 from dice_jax.sampling.distributions import Distribution, next_tokens, token_logprobs
 from dice_jax.sampling.generate import SAMPLING_RULES, Program, constrain
@@ -64,6 +72,8 @@ class SlotProgram:
     max_prompt: int  # staged prompt length (the longest prompt bucket of the run)
     staging_rows: int
     chunk_steps: int  # decode steps per `decode_chunk` call at most
+    # (width, chunks per attention group) of each tiered slot set; other sets: whole caches
+    tiers: tuple[tuple[int, tuple[int, ...]], ...] = ()
     pad_id: int = 0
     cache_dtype: str | None = None
     mesh: Mesh | None = None
@@ -75,6 +85,19 @@ class SlotProgram:
         if self.mesh is None:
             return 1
         return int(self.mesh.shape.get("data", 1) * self.mesh.shape.get("fsdp", 1))
+
+    def group_chunks(self, width: int) -> tuple[int, ...]:
+        """Cache chunks each attention group of the `width`-slot set holds."""
+        for tiered, chunks in self.tiers:
+            if tiered == width:
+                return chunks
+        whole = self.capacity // attention_block(self.capacity)
+        return (whole,) * slot_groups(width, self.shards)
+
+    def slot_limits(self, width: int) -> np.ndarray:
+        """Cache entries each slot of the `width`-slot set holds, int32 `[width]`."""
+        return slot_limits(width, self.shards, self.group_chunks(width),
+                           attention_block(self.capacity))
 
     @property
     def placement(self) -> Program:
@@ -100,14 +123,21 @@ def _pin_state(state: dict, program: SlotProgram) -> dict:
 
 
 def init_slots(program: SlotProgram, slots: int) -> tuple[Cache, dict]:
-    """Zeroed caches and an all-idle state for `slots` slots."""
+    """Zeroed caches and an all-idle state for `slots` slots (chunk c holding the slots of
+    the groups that reach it, `program.group_chunks`)."""
     cfg = program.config
     block = attention_block(program.capacity)
-    shape = (slots, cfg.num_kv_heads, block, cfg.head_dim)
-    key_shape = (slots, cfg.num_kv_heads, cfg.head_dim, block)
+    group_chunks = program.group_chunks(slots)
+    per_group = slots // len(group_chunks)
     dtype = jnp.dtype(program.cache_dtype or cfg.dtype)
-    cache = [[{"k": jnp.zeros(key_shape, dtype), "v": jnp.zeros(shape, dtype)}
-              for _ in range(program.capacity // block)] for _ in range(cfg.num_layers)]
+
+    def chunk(c: int) -> dict:
+        rows = per_group * chunk_groups(group_chunks, c)
+        return {"k": jnp.zeros((rows, cfg.num_kv_heads, cfg.head_dim, block), dtype),
+                "v": jnp.zeros((rows, cfg.num_kv_heads, block, cfg.head_dim), dtype)}
+
+    cache = [[chunk(c) for c in range(program.capacity // block)]
+             for _ in range(cfg.num_layers)]
     zeros = jnp.zeros((slots,), jnp.int32)
     state = {"logits": jnp.zeros((slots, cfg.vocab_size), jnp.float32), "lengths": zeros,
              "generated": zeros, "active": jnp.zeros((slots,), bool), "prompt_index": zeros,
@@ -166,10 +196,14 @@ def insert(cache: Cache, state: dict, staging: Cache, staging_logits: Array, slo
     cache and logits), length `prompt_lengths[i]`, and (prompt_index, sample_index)[i]. All
     `[f]` int32; a slot >= S writes nothing (padding)."""
     p, block = program.max_prompt, attention_block(program.capacity)
+    width = state["active"].shape[0]
 
     def fill(chunk: dict, stage: dict, start: int) -> dict:
         if start >= p:
             return chunk
+        if chunk["v"].shape[0] != width:  # `plan_slots` gives every tier the prompt's chunks
+            raise ValueError(f"cache chunk at {start} holds {chunk['v'].shape[0]} of {width} "
+                             f"slots: a staged prompt of {p} tokens needs it in every slot")
         end = min(start + block, p)
         keys = jnp.swapaxes(stage["k"][rows, :, start:end], -1, -2)
         return {"k": chunk["k"].at[slots, :, :, :end - start].set(keys, mode="drop"),
@@ -188,16 +222,38 @@ def insert(cache: Cache, state: dict, staging: Cache, staging_logits: Array, slo
     return _pin_cache(cache, program), _pin_state(state, program)
 
 
+def _chunk_sources(program: SlotProgram, old: int, keep: Array) -> list[Array]:
+    """Per chunk c, the row of the current (`old`-slot) chunk each row of the new set's
+    chunk c copies: new slot i takes old slot `keep[i]` (past `old`: idle, any row)."""
+    new = keep.shape[0]
+    old_chunks, new_chunks = program.group_chunks(old), program.group_chunks(new)
+    sources = []
+    for c in range(program.capacity // attention_block(program.capacity)):
+        new_rows = slot_rows(new, program.shards, new_chunks, c)
+        # A slot without chunk c in its old group has fewer keys than the chunk starts at:
+        # any row will do (masked), row 0.
+        old_rows = np.maximum(np.append(slot_rows(old, program.shards, old_chunks, c), -1), 0)
+        slots = np.nonzero(new_rows >= 0)[0]  # the new slot of each row, in row order
+        sources.append(jnp.asarray(old_rows)[jnp.minimum(keep[slots], old)])
+    return sources
+
+
+def _take_layer(layer: list[dict], sources: list[Array], program: SlotProgram) -> list[dict]:
+    return _pin_layer([{n: jnp.take(chunk[n], rows, axis=0) for n in ("k", "v")}
+                       for chunk, rows in zip(layer, sources)], program)
+
+
 def _take_slots(cache: Cache, state: dict, keep: Array, program: SlotProgram
                 ) -> tuple[Cache, dict]:
     width = state["active"].shape[0]
     valid = keep < width
+    sources = _chunk_sources(program, width, keep)
+    cache = [_take_layer(layer, sources, program) for layer in cache]
     take = lambda a: jnp.take(a, jnp.minimum(keep, width - 1), axis=0)  # noqa: E731
-    cache = jax.tree.map(take, cache)
     state = {n: take(a) for n, a in state.items()}
     state["active"] = state["active"] & valid
     state["lengths"] = jnp.where(state["active"], state["lengths"], 0)
-    return _pin_cache(cache, program), _pin_state(state, program)
+    return cache, _pin_state(state, program)
 
 
 @functools.partial(jax.jit, static_argnames=("program", "slots"))
@@ -212,7 +268,7 @@ def resize(cache: Cache, state: dict, keep: Array, *, program: SlotProgram, slot
 @functools.partial(jax.jit, static_argnames=("program",), donate_argnames=("layer",))
 def permute_layer(layer: list[dict], order: Array, *, program: SlotProgram) -> list[dict]:
     """One layer's chunks with their slots reordered: new slot i is old slot `order[i]`."""
-    return _pin_layer(jax.tree.map(lambda a: jnp.take(a, order, axis=0), layer), program)
+    return _take_layer(layer, _chunk_sources(program, order.shape[0], order), program)
 
 
 @functools.partial(jax.jit, static_argnames=("program",), donate_argnames=("state",))
@@ -232,11 +288,14 @@ def permute(cache: Cache, state: dict, order: Array, *, program: SlotProgram
 
 
 @functools.partial(jax.jit, static_argnames=("program",), donate_argnames=("cache", "state"))
-def decode_chunk(params: Any, cache: Cache, state: dict, seed: Array, free_target: Array, *,
-                 program: SlotProgram) -> tuple[Cache, dict, dict]:
+def decode_chunk(params: Any, cache: Cache, state: dict, seed: Array, free_target: Array,
+                 pause_target: Array, *, program: SlotProgram) -> tuple[Cache, dict, dict]:
     """Up to `chunk_steps` steps over all slots; each step samples one token per active slot
     from its logits and feeds it. A slot stops after a stop token or `max_new_tokens`
-    tokens. Leaves early once `free_target` (int32) slots are idle.
+    tokens. A slot whose cache is full (its length at `program.slot_limits`: a tiered set's
+    shorter tier) pauses, keeping its logits, until the host moves it to a longer slot.
+    Leaves early once `free_target` (int32) slots are idle, once `pause_target` more slots
+    have paused, or once a slot frees while some slot is paused.
 
     Returns the caches, the state, and `tokens [S, chunk_steps]` int32 / `logprobs` float32
     (untempered policy log-probs) of the tokens sampled this call (pad / 0 where a slot was
@@ -248,6 +307,7 @@ def decode_chunk(params: Any, cache: Cache, state: dict, seed: Array, free_targe
     width = state["active"].shape[0]
     layers = split_layers(params, cfg)
     stop_ids = jnp.asarray(program.stop_ids, jnp.int32)
+    limits = jnp.asarray(program.slot_limits(width))
     base = jax.random.key(seed)
     keys = jax.vmap(lambda p, k: jax.random.fold_in(jax.random.fold_in(base, p), k))(
         state["prompt_index"], state["sample_index"])
@@ -255,14 +315,24 @@ def decode_chunk(params: Any, cache: Cache, state: dict, seed: Array, free_targe
     generated = state["generated"]
     groups, shards = slot_groups(width, program.shards), program.shards
 
+    def counts(state: dict) -> tuple[Array, Array]:
+        free = width - jnp.sum(state["active"].astype(jnp.int32))
+        paused = jnp.sum((state["active"] & (state["lengths"] >= limits)).astype(jnp.int32))
+        return free, paused
+
+    free_before, paused_before = counts(state)
+
     def running(carry: tuple) -> Array:
         step, state = carry[0], carry[2]
-        free = width - jnp.sum(state["active"].astype(jnp.int32))
-        return (step < steps_max) & (free < free_target)
+        free, paused = counts(state)
+        return ((step < steps_max) & (free < free_target)
+                & (paused - paused_before < pause_target)
+                & ~((paused > 0) & (free > free_before)))
 
     def body(carry: tuple) -> tuple:
         step, cache, state, tokens, logprobs, stopped = carry
-        active = state["active"]
+        paused = state["active"] & (state["lengths"] >= limits)
+        active = state["active"] & ~paused
         step_keys = jax.vmap(jax.random.fold_in)(keys, state["generated"])
         token = next_tokens(state["logits"], step_keys, dist)
         logprob = jnp.where(active, token_logprobs(state["logits"], token), 0.0)
@@ -270,12 +340,14 @@ def decode_chunk(params: Any, cache: Cache, state: dict, seed: Array, free_targe
         generated = state["generated"] + active.astype(jnp.int32)
         is_stop = active & jnp.isin(token, stop_ids)
         still = active & ~is_stop & (generated < program.max_new_tokens)
+        # A paused slot's length is its limit: its write falls past its chunks (dropped).
         logits, cache = slot_decode_step(cfg, params, layers, token, state["lengths"], cache,
                                          groups, shards)
         # An idle slot's length drops to 0, so its group reads no chunk for it.
         state = dict(state, logits=jnp.where(still[:, None], logits, state["logits"]),
-                     lengths=jnp.where(still, state["lengths"] + 1, 0), generated=generated,
-                     active=still)
+                     lengths=jnp.where(still, state["lengths"] + 1,
+                                       jnp.where(paused, state["lengths"], 0)),
+                     generated=generated, active=still | paused)
         tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, step, axis=1)
         logprobs = jax.lax.dynamic_update_index_in_dim(logprobs, logprob, step, axis=1)
         return (step + 1, _pin_cache(cache, program), _pin_state(state, program), tokens,
