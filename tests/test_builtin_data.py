@@ -74,6 +74,7 @@ def test_setup_cfg_ships_the_data():
         assert any(fnmatch.fnmatch(f"builtin_data/{name}", p) for p in patterns), name
 
 
+@pytest.mark.slow  # samples a batch with SmolLM2; README "Test" names the command
 def test_first_batch_regenerates_bit_for_bit(shipped, tmp_path):
     args = recorded_args()
     # Batches are fixed: prompts [0, B) always run together in the same shapes.

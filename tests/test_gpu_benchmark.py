@@ -7,12 +7,15 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 TESTS = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(os.path.dirname(TESTS), "benchmarks", "gpu.py")
 # Not on the device image (see benchmarks/gpu.py's docstring).
 MISSING = ("ml_collections", "skopt", "gguf", "tensorboardX", "if_verifiable", "datasets")
 
 
+@pytest.mark.slow  # every GPU benchmark section on CPU; README "Test" names the command
 def test_gpu_benchmark_smoke_runs_every_section(tmp_path):
     stubs = tmp_path / "stubs"
     for name in MISSING:  # shadow the installed packages: importing one fails

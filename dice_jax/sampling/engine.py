@@ -5,11 +5,11 @@ fills every free slot from the queue (prefilling each new prompt once into a sta
 at most `SlotPlan.prefill_limits` prompts a call so that the call's activations fit the
 budget's prefill share, then copying it into the slots of its samples), runs the jitted
 `slots.decode_chunk` until enough slots are free again, retires the finished rows and
-refills. When the queue is empty the active slots move into a narrower set (half as wide;
-once per 256 new tokens a row may take, at most four times), so the tail of long rows does
-not pay for idle slots. Before each chunk the slots may be reordered longest first, so that
-each attention group holds slots of similar length and skips the cache chunks none of them
-has reached.
+refills. When the queue is empty the active slots move into a narrower set (2/3 as wide;
+once per 160 new tokens a row may take, at most six times: `plan.NARROWING`), so the tail
+of long rows does not pay for idle slots. Before each chunk the slots may be reordered
+longest first, so that each attention group holds slots of similar length and skips the
+cache chunks none of them has reached.
 
 In a tiered set (`plan.plan_slots`: later attention groups hold fewer cache chunks) rows
 are kept longest first, so each sits in a slot that holds it; a row that would outgrow its
