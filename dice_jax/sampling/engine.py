@@ -35,7 +35,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dice_jax.distributed import host_tree, put_global
-from dice_jax.models.slot_decode import attention_block, slot_groups
+from dice_jax.models.slot_decode import slot_groups
 from dice_jax.sampling import slots as programs
 from dice_jax.sampling.plan import MAX_STAGED_PROMPTS, SlotPlan, next_power_of_two
 from dice_jax.sampling.slots import SlotProgram
@@ -243,7 +243,7 @@ class SlotEngine:
             return cache, state, holder
         lengths, needs = self._lengths(holder, rows, token_ids)
         limits = self.program.slot_limits(width)
-        block = attention_block(self.program.capacity)
+        block = self.program.block
         order = grouped_order(lengths, shards, groups)
         if order == sorted(order):
             return cache, state, holder

@@ -86,18 +86,26 @@ class SlotProgram:
             return 1
         return int(self.mesh.shape.get("data", 1) * self.mesh.shape.get("fsdp", 1))
 
+    @property
+    def block(self) -> int:
+        """Keys per cache chunk."""
+        return attention_block(self.capacity)
+
+    @property
+    def chunks(self) -> int:
+        """Cache chunks of a whole slot."""
+        return self.capacity // self.block
+
     def group_chunks(self, width: int) -> tuple[int, ...]:
         """Cache chunks each attention group of the `width`-slot set holds."""
         for tiered, chunks in self.tiers:
             if tiered == width:
                 return chunks
-        whole = self.capacity // attention_block(self.capacity)
-        return (whole,) * slot_groups(width, self.shards)
+        return (self.chunks,) * slot_groups(width, self.shards)
 
     def slot_limits(self, width: int) -> np.ndarray:
         """Cache entries each slot of the `width`-slot set holds, int32 `[width]`."""
-        return slot_limits(width, self.shards, self.group_chunks(width),
-                           attention_block(self.capacity))
+        return slot_limits(width, self.shards, self.group_chunks(width), self.block)
 
     @property
     def placement(self) -> Program:
@@ -126,7 +134,7 @@ def init_slots(program: SlotProgram, slots: int) -> tuple[Cache, dict]:
     """Zeroed caches and an all-idle state for `slots` slots (chunk c holding the slots of
     the groups that reach it, `program.group_chunks`)."""
     cfg = program.config
-    block = attention_block(program.capacity)
+    block = program.block
     group_chunks = program.group_chunks(slots)
     per_group = slots // len(group_chunks)
     dtype = jnp.dtype(program.cache_dtype or cfg.dtype)
@@ -136,7 +144,7 @@ def init_slots(program: SlotProgram, slots: int) -> tuple[Cache, dict]:
         return {"k": jnp.zeros((rows, cfg.num_kv_heads, cfg.head_dim, block), dtype),
                 "v": jnp.zeros((rows, cfg.num_kv_heads, block, cfg.head_dim), dtype)}
 
-    cache = [[chunk(c) for c in range(program.capacity // block)]
+    cache = [[chunk(c) for c in range(program.chunks)]
              for _ in range(cfg.num_layers)]
     zeros = jnp.zeros((slots,), jnp.int32)
     state = {"logits": jnp.zeros((slots, cfg.vocab_size), jnp.float32), "lengths": zeros,
@@ -195,7 +203,7 @@ def insert(cache: Cache, state: dict, staging: Cache, staging_logits: Array, slo
     """Starts requests in slots: slot `slots[i]` gets staging row `rows[i]` (its prompt's
     cache and logits), length `prompt_lengths[i]`, and (prompt_index, sample_index)[i]. All
     `[f]` int32; a slot >= S writes nothing (padding)."""
-    p, block = program.max_prompt, attention_block(program.capacity)
+    p, block = program.max_prompt, program.block
     width = state["active"].shape[0]
 
     def fill(chunk: dict, stage: dict, start: int) -> dict:
@@ -228,7 +236,7 @@ def _chunk_sources(program: SlotProgram, old: int, keep: Array) -> list[Array]:
     new = keep.shape[0]
     old_chunks, new_chunks = program.group_chunks(old), program.group_chunks(new)
     sources = []
-    for c in range(program.capacity // attention_block(program.capacity)):
+    for c in range(program.chunks):
         new_rows = slot_rows(new, program.shards, new_chunks, c)
         # A slot without chunk c in its old group has fewer keys than the chunk starts at:
         # any row will do (masked), row 0.
@@ -315,10 +323,12 @@ def decode_chunk(params: Any, cache: Cache, state: dict, seed: Array, free_targe
     generated = state["generated"]
     groups, shards = slot_groups(width, program.shards), program.shards
 
+    def pausing(state: dict) -> Array:
+        return state["active"] & (state["lengths"] >= limits)
+
     def counts(state: dict) -> tuple[Array, Array]:
         free = width - jnp.sum(state["active"].astype(jnp.int32))
-        paused = jnp.sum((state["active"] & (state["lengths"] >= limits)).astype(jnp.int32))
-        return free, paused
+        return free, jnp.sum(pausing(state).astype(jnp.int32))
 
     free_before, paused_before = counts(state)
 
@@ -331,7 +341,7 @@ def decode_chunk(params: Any, cache: Cache, state: dict, seed: Array, free_targe
 
     def body(carry: tuple) -> tuple:
         step, cache, state, tokens, logprobs, stopped = carry
-        paused = state["active"] & (state["lengths"] >= limits)
+        paused = pausing(state)
         active = state["active"] & ~paused
         step_keys = jax.vmap(jax.random.fold_in)(keys, state["generated"])
         token = next_tokens(state["logits"], step_keys, dist)
