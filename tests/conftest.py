@@ -1,8 +1,23 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# One persistent XLA compilation cache for the whole run: many modules compile the same
+# programs (the tiny model's train step, sampler and scorer), in the two xdist workers and
+# in the subprocesses the tests start (they inherit the environment). The first process to
+# load this file (the xdist controller, or a plain pytest run) makes the folder and removes
+# it at exit; the workers inherit its path. A cached program is the same executable, so no
+# result changes; a cache the caller already set is kept.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="dice_jax_test_xla_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 # tests/workers/ holds scripts the tests run in subprocesses (helpers.run_on_cpu_devices),
 # never test modules.

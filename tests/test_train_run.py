@@ -6,14 +6,11 @@ then started again with the same command must leave the same data sets and the s
 weights as an uninterrupted run.
 """
 
-import atexit
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 
 import numpy as np
 import pytest
@@ -24,17 +21,10 @@ REPO = os.path.join(os.path.dirname(__file__), os.pardir)
 TINY = os.path.join(REPO, "configs", "tiny.py")
 
 
-# One persistent XLA compilation cache for every run of this module: the runs compile the
-# same programs, and start-up + compilation is most of a tiny run's time.
-CACHE = tempfile.mkdtemp(prefix="dice_jax_test_xla_cache_")
-atexit.register(shutil.rmtree, CACHE, True)
-
-
 def train(run_dir, *overrides, kill_at=None, term_at=None, check=True):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false",
-               JAX_COMPILATION_CACHE_DIR=CACHE,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    # The runs compile the same programs: conftest's compilation cache (inherited through
+    # the environment) makes start-up most of a resumed run's time.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false")
     env.pop("XLA_FLAGS", None)
     if kill_at:
         env["DICE_JAX_KILL_AT"] = kill_at
