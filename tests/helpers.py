@@ -1,5 +1,6 @@
 """Shared test helpers: tiny random HF models (PyTorch, reference only) and their logits,
-and running a worker script (`tests/workers/`) on simulated CPU devices."""
+running a worker script (`tests/workers/`) on simulated CPU devices, and the tiny run
+(`configs/tiny.py`) as a command."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import pytest
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 WORKERS = os.path.join(TESTS, "workers")
+REPO = os.path.dirname(TESTS)
+TINY_CONFIG = os.path.join(REPO, "configs", "tiny.py")
 
 LLAMA_KW = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -135,3 +138,25 @@ def run_processes_on_cpu_devices(script: str, *args, processes: int, devices: in
             if p.poll() is None:
                 p.kill()
                 p.communicate()
+
+
+def train_tiny(run_dir: str, *overrides: str, kill_at: str | None = None,
+               term_at: str | None = None, check: bool = True
+               ) -> subprocess.CompletedProcess:
+    """`python -m dice_jax.train --config=configs/tiny.py` into `run_dir` on one CPU device
+    (`kill_at` / `term_at`: fault injection, `DICE_JAX_KILL_AT` / `DICE_JAX_TERM_AT`).
+    The runs compile the same programs: conftest's compilation cache (inherited through
+    the environment) makes start-up most of a resumed run's time."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false")
+    env.pop("XLA_FLAGS", None)
+    if kill_at:
+        env["DICE_JAX_KILL_AT"] = kill_at
+    if term_at:
+        env["DICE_JAX_TERM_AT"] = term_at
+    proc = subprocess.run(
+        [sys.executable, "-m", "dice_jax.train", f"--config={TINY_CONFIG}",
+         f"--config.run_dir={run_dir}", "--quiet", *overrides],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if check and kill_at is None and term_at is None:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc

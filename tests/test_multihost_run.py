@@ -3,10 +3,10 @@
 Two processes with 4 simulated CPU devices each join one job through the launch
 environment (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`) and run
 `configs/tiny.py` end to end (start evaluation, round 0, two DICE rounds, reports, HF
-export) on one fsdp=8 mesh. The reference is the same config in one process with 8
-devices: the same mesh, so only the order of float32 sums differs (cross-process
-all-reduces against in-process ones). Process 1 writes nothing into the run folder but its
-shards of the orbax checkpoints.
+export) on one fsdp=8 mesh. The reference is the same config in one process on one device
+(the session's shared tiny run, conftest): the same programs but for the sharding, so only
+the order of float32 sums differs (cross-process all-reduces against whole arrays).
+Process 1 writes nothing into the run folder but its shards of the orbax checkpoints.
 """
 
 import json
@@ -109,13 +109,14 @@ def _assert_only_process_0_writes(log: str, run_dir: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("multihost")
-    single = str(root / "single")
-    (code, err), = _finish([_train(single, _env(8))])
-    assert code == 0, err[-3000:]
     multi, log = str(root / "multi"), str(root / "writes.log")
-    results = two_processes(multi, write_log=log)
+    procs = start_two(multi, DICE_JAX_WRITE_LOG=log)
+    try:  # the reference runs meanwhile (here, or in another xdist worker)
+        single = request.getfixturevalue("tiny_run")
+    finally:
+        results = _finish(procs)
     for i, (code, err) in enumerate(results):
         assert code == 0, f"process {i}: {err[-3000:]}"
     return single, multi, log, results
@@ -129,8 +130,10 @@ def test_two_processes_give_the_one_process_run(runs):
         for key in a.files:
             if a[key].dtype.kind in "iub":  # token ids, lengths, offsets: identical
                 np.testing.assert_array_equal(a[key], b[key], err_msg=f"round {t} {key}")
-            else:  # sampler log-probs: float32 log-softmax, sums reordered across hosts
-                np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-5)
+            else:  # sampler log-probs: float32 log-softmax of magnitude ~5, its matmul
+                # and vocabulary sums split over 8 devices against whole: a few roundoffs
+                # (measured 2.1e-6 relative)
+                np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6)
         for name in ("pairs.jsonl", "mixed.jsonl"):
             key = lambda r: (r["prompt"], r["chosen"], r["rejected"])  # noqa: E731
             assert [key(r) for r in _rows(os.path.join(single, f"round_{t}", "data", name))] \
@@ -143,8 +146,9 @@ def test_two_processes_give_the_one_process_run(runs):
             np.testing.assert_allclose(sa[key], sb[key], rtol=1e-5, atol=0, err_msg=key)
     # Weights of order 0.02-1 after 12 AdamW steps at lr 1e-3: Adam divides each gradient
     # by its own root mean square, so reordered float32 gradient sums move
-    # near-zero-gradient weights by up to ~1e-5 (measured 1.1e-5 at the last round).
-    _assert_same_training(single, multi, weights_atol=2e-5)
+    # near-zero-gradient weights by a few 1e-5 (measured: one of 16384 weights of a layer
+    # 3.5e-5 apart at the last round, against the unsharded run).
+    _assert_same_training(single, multi, weights_atol=5e-5)
 
 
 def test_process_1_writes_nothing_into_the_run_folder(runs):

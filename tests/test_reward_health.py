@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 import pytest
+from helpers import train_tiny
 
 from dice_jax.dice.diagnostics import (
     GuardConfig,
@@ -104,11 +105,8 @@ def test_guard_settings():
 
 
 # ---------------------------------------------------------------------- whole runs
-def test_tiny_run_heldout_accuracy_is_the_trainers_evaluation_of_round_0(tmp_path):
-    from tests.test_train_run import train
-
-    run_dir = str(tmp_path / "run")
-    train(run_dir, "--config.rounds=1", "--config.eval.enabled=false")
+def test_tiny_run_heldout_accuracy_is_the_trainers_evaluation_of_round_0(tiny_run):
+    run_dir = tiny_run  # the session's configs/tiny.py run (conftest)
     with open(os.path.join(run_dir, "round_1", "data", "stats.json")) as f:
         health = json.load(f)["reward_health"]
     with open(os.path.join(run_dir, "round_0", "train", "metrics.jsonl")) as f:
@@ -128,7 +126,6 @@ def test_tiny_run_heldout_accuracy_is_the_trainers_evaluation_of_round_0(tmp_pat
 def test_a_reward_below_the_guard_stops_and_resumes_on_d_offline(tmp_path):
     from dice_jax.data import synthetic_preferences
     from dice_jax.run.stages import holdout_split
-    from tests.test_train_run import train
 
     # Round 0 learns "plain beats rambling" from the training pairs; the held-out pairs
     # (the split round 0 holds out: seed 0 -> round seed 0) say the opposite, so the
@@ -144,13 +141,13 @@ def test_a_reward_below_the_guard_stops_and_resumes_on_d_offline(tmp_path):
     run_dir = str(tmp_path / "run")
     common = (f"--config.data.offline={path}", "--config.rounds=1",
               "--config.eval.enabled=false")
-    proc = train(run_dir, *common, check=False)
+    proc = train_tiny(run_dir, *common, check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("error: round 1: the implicit reward ranks 0.000 of 8 held-out")
     assert "dice.guard.min_heldout_accuracy=0.5" in line
     assert not os.path.exists(os.path.join(run_dir, "round_1", "data"))
-    train(run_dir, *common, "--config.dice.guard.action=offline")
+    train_tiny(run_dir, *common, "--config.dice.guard.action=offline")
     with open(os.path.join(run_dir, "manifest.json")) as f:
         stages = json.load(f)["stages"]
     assert stages["round_1/data"]["guard_action"] == "offline"
@@ -184,14 +181,13 @@ def test_gold_scores_are_the_judges_verdicts_recorded_with_the_builtin_pairs():
 def test_offline_baselines_hold_out_round_0s_pairs_every_round(tmp_path):
     from dice_jax.data import synthetic_preferences
     from dice_jax.run.stages import holdout_split, rows_digest
-    from tests.test_train_run import train
 
     rows = synthetic_preferences(48, 0)
     path = tmp_path / "pairs.jsonl"
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     run_dir = str(tmp_path / "run")
-    train(run_dir, f"--config.data.offline={path}", "--config.method=offline_dpo",
+    train_tiny(run_dir, f"--config.data.offline={path}", "--config.method=offline_dpo",
           "--config.rounds=2", "--config.eval.enabled=false")
     with open(os.path.join(run_dir, "manifest.json")) as f:
         stages = json.load(f)["stages"]

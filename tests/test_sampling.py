@@ -64,9 +64,10 @@ def forward_logprobs(params, config, pairs):
     for i, (p, r) in enumerate(pairs):
         ids[i, :len(p) + len(r)] = list(p) + list(r)
         mask[i, :len(p) + len(r)] = 1
-    logits = jax.jit(lambda i, m: jax.nn.log_softmax(Decoder(config).apply(
-        {"params": params}, i, positions_from_mask(m), m).astype(jnp.float32), axis=-1))(
-        jnp.asarray(ids), jnp.asarray(mask))
+    # Parameters as an argument, not closed over: XLA would fold them in as constants.
+    logits = jax.jit(lambda prm, i, m: jax.nn.log_softmax(Decoder(config).apply(
+        {"params": prm}, i, positions_from_mask(m), m).astype(jnp.float32), axis=-1))(
+        params, jnp.asarray(ids), jnp.asarray(mask))
     logits = np.asarray(logits)
     return [logits[i, np.arange(len(p) - 1, len(p) + len(r) - 1), np.asarray(r)]
             for i, (p, r) in enumerate(pairs)]
@@ -102,14 +103,14 @@ def test_decoder_extend_matches_forward(models, kind):
     full = np.asarray(Decoder(config).apply({"params": params}, jnp.asarray(ids), positions,
                                             jnp.asarray(mask)))
     cache_mask = jnp.concatenate([jnp.asarray(mask), jnp.ones((3, 4), jnp.int32)], 1)
-    extend = jax.jit(lambda i, p, c, t: Decoder(config).apply(
-        {"params": params}, i, p, cache_mask, c, t, method=Decoder.extend))
-    logits, cache = extend(jnp.asarray(ids[:, :8]), positions[:, :8], init_cache(config, 3, 16),
-                           jnp.int32(0))
+    extend = jax.jit(lambda prm, i, p, c, t: Decoder(config).apply(
+        {"params": prm}, i, p, cache_mask, c, t, method=Decoder.extend))
+    logits, cache = extend(params, jnp.asarray(ids[:, :8]), positions[:, :8],
+                           init_cache(config, 3, 16), jnp.int32(0))
     pieces = [np.asarray(logits)]
     for t in range(8, 12):  # then one token at a time
-        logits, cache = extend(jnp.asarray(ids[:, t:t + 1]), positions[:, t:t + 1], cache,
-                               jnp.int32(t))
+        logits, cache = extend(params, jnp.asarray(ids[:, t:t + 1]), positions[:, t:t + 1],
+                               cache, jnp.int32(t))
         pieces.append(np.asarray(logits))
     real = mask.astype(bool)
     # float32 logits ~1-10: one-token steps against one full forward reorder the

@@ -9,34 +9,12 @@ weights as an uninterrupted run.
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from helpers import train_tiny as train
 
 from dice_jax.run.folder import seed_stages
-
-REPO = os.path.join(os.path.dirname(__file__), os.pardir)
-TINY = os.path.join(REPO, "configs", "tiny.py")
-
-
-def train(run_dir, *overrides, kill_at=None, term_at=None, check=True):
-    # The runs compile the same programs: conftest's compilation cache (inherited through
-    # the environment) makes start-up most of a resumed run's time.
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false")
-    env.pop("XLA_FLAGS", None)
-    if kill_at:
-        env["DICE_JAX_KILL_AT"] = kill_at
-    if term_at:
-        env["DICE_JAX_TERM_AT"] = term_at
-    proc = subprocess.run(
-        [sys.executable, "-m", "dice_jax.train", f"--config={TINY}",
-         f"--config.run_dir={run_dir}", "--quiet", *overrides],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    if check and kill_at is None and term_at is None:
-        assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
 
 
 def manifest(run_dir):
@@ -60,10 +38,9 @@ def policy_params(run_dir, round_index):
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-    run_dir = str(tmp_path_factory.mktemp("runs") / "uninterrupted")
-    train(run_dir)
-    return run_dir
+def reference_run(tiny_run):
+    """The uninterrupted run: the session's shared one (conftest)."""
+    return tiny_run
 
 
 ORDER = ["start/eval", "round_0/train", "round_0/eval",
@@ -93,8 +70,11 @@ def test_tiny_config_runs_two_rounds_end_to_end(reference_run):
         assert any(f.startswith("events.out.tfevents") for f in os.listdir(
             os.path.join(train_dir, "tensorboard")))
         assert not os.path.exists(os.path.join(train_dir, "checkpoints"))
-        report = read(os.path.join(reference_run, f"round_{t}", "report", "report.md"))
+        report_path = os.path.join(reference_run, f"round_{t}", "report", "report.md")
+        report = read(report_path)
         assert "alpha*" in report and "training_curves.png" in report
+        stages = json.loads(read(os.path.join(reference_run, "manifest.json")))["stages"]
+        assert os.path.samefile(stages[f"round_{t}/report"]["report"], report_path)
     # DICE trains round t from pi_theta(t-1): the two rounds' policies differ.
     a, b = policy_params(reference_run, 1), policy_params(reference_run, 2)
     assert any(not np.array_equal(x, y) for x, y in zip(a, b))

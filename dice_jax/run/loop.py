@@ -186,8 +186,14 @@ class DiceRun:
 
     def _finish_round(self, t: int) -> None:
         self._eval(f"round_{t}", self.models.policy_source(t))
-        self._stage(f"round_{t}/report", lambda folder: {"report": write_round_report(
-            self.folder.root, t, folder, self.config.method)})
+        name = f"round_{t}/report"
+
+        def report(folder: str) -> dict[str, Any]:
+            written = write_round_report(self.folder.root, t, folder, self.config.method)
+            # The manifest names the file where it ends up, not in the stage's temp folder.
+            return {"report": os.path.join(self.folder.path(name), os.path.basename(written))}
+
+        self._stage(name, report)
         if self.config.export_hf_each_round:
             self._export(f"round_{t}/export", self.models.policy_source(t))
 

@@ -8,11 +8,29 @@ dice-jax and from a TRL run can be overlaid. TensorBoard files are written with
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
-from tensorboardX import SummaryWriter
-
 from dice_jax.fileio import append_jsonl, read_jsonl
+
+
+def _summary_writer() -> type:
+    """tensorboardX's `SummaryWriter`, imported without torch.
+
+    Its writer module imports torch whenever torch is installed, only to accept torch
+    tensors, which dice-jax never passes; runtime code never imports torch (seconds of
+    start-up and a second tensor library in memory). A `None` entry in `sys.modules`
+    makes that optional import fail as if torch were absent.
+    """
+    if "torch" in sys.modules or "tensorboardX.writer" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 class MetricsWriter:
@@ -28,7 +46,7 @@ class MetricsWriter:
         os.makedirs(folder, exist_ok=True)
         self.path = os.path.join(folder, "metrics.jsonl") if jsonl else None
         self.prefix = prefix.rstrip("/")
-        self._tb = SummaryWriter(os.path.join(folder, "tensorboard"), flush_secs=10)
+        self._tb = _summary_writer()(os.path.join(folder, "tensorboard"), flush_secs=10)
 
     def write(self, record: dict[str, Any]) -> None:
         step = int(record["step"])
