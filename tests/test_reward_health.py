@@ -188,7 +188,7 @@ def test_offline_baselines_hold_out_round_0s_pairs_every_round(tmp_path):
         f.writelines(json.dumps(r) + "\n" for r in rows)
     run_dir = str(tmp_path / "run")
     train_tiny(run_dir, f"--config.data.offline={path}", "--config.method=offline_dpo",
-          "--config.rounds=2", "--config.eval.enabled=false")
+               "--config.rounds=2", "--config.eval.enabled=false")
     with open(os.path.join(run_dir, "manifest.json")) as f:
         stages = json.load(f)["stages"]
     # Round t trains with seed round_seed(t); the split must still be round 0's (seed 0).
