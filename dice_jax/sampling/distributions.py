@@ -145,24 +145,24 @@ def _materialise(x: Array) -> Array:
 def _complete_cutoffs(weights: Array, cutoff: Array, complete: Array, p: float) -> Array:
     """Replaces the cut-offs of the rows whose nucleus outgrew the candidates `[rows]`.
 
-    Up to `_FEW_ROWS` such rows are gathered and bisected alone; more, and the whole batch
-    is. Both give the same exact cut-off per row.
+    Such rows are gathered `_FEW_ROWS` at a time and bisected (`nucleus_threshold_exact`),
+    in a loop that runs no pass when every row is complete. The program holds a single
+    bisection whatever the number of such rows: each copy would lengthen every compile.
     """
-    rows = weights.shape[0]
-    few = min(_FEW_ROWS, rows)
-    missing = jnp.sum((~complete).astype(jnp.int32))
+    few = min(_FEW_ROWS, weights.shape[0])
 
-    def gathered() -> Array:
-        _, idx = jax.lax.top_k((~complete).astype(jnp.int32), few)
+    def missing(carry: tuple[Array, Array]) -> Array:
+        return ~jnp.all(carry[1])
+
+    def fix(carry: tuple[Array, Array]) -> tuple[Array, Array]:
+        cutoff, done = carry
+        # The incomplete rows first; complete ones fill the rest of the `few` and keep theirs.
+        _, idx = jax.lax.top_k((~done).astype(jnp.int32), few)
         exact = nucleus_threshold_exact(weights[idx], p)
-        fix = cutoff.at[idx].set(exact)
-        return jnp.where(complete, cutoff, fix)
+        cutoff = cutoff.at[idx].set(jnp.where(done[idx], cutoff[idx], exact))
+        return cutoff, done.at[idx].set(True)
 
-    def everything() -> Array:
-        return nucleus_threshold_exact(weights, p)
-
-    branch = jnp.where(missing == 0, 0, jnp.where(missing <= few, 1, 2))
-    return jax.lax.switch(branch, [lambda: cutoff, gathered, everything])
+    return jax.lax.while_loop(missing, fix, (cutoff, complete))[0]
 
 
 def filter_logits(logits: Array, dist: Distribution, candidates: int = CANDIDATES) -> Array:
