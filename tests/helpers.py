@@ -140,6 +140,12 @@ def run_processes_on_cpu_devices(script: str, *args, processes: int, devices: in
                 p.communicate()
 
 
+def tiny_command(run_dir: str, *overrides: str) -> list[str]:
+    """The command line of a quiet `configs/tiny.py` run into `run_dir`."""
+    return [sys.executable, "-m", "dice_jax.train", f"--config={TINY_CONFIG}",
+            f"--config.run_dir={run_dir}", "--quiet", *overrides]
+
+
 def train_tiny(run_dir: str, *overrides: str, kill_at: str | None = None,
                term_at: str | None = None, check: bool = True
                ) -> subprocess.CompletedProcess:
@@ -153,10 +159,8 @@ def train_tiny(run_dir: str, *overrides: str, kill_at: str | None = None,
         env["DICE_JAX_KILL_AT"] = kill_at
     if term_at:
         env["DICE_JAX_TERM_AT"] = term_at
-    proc = subprocess.run(
-        [sys.executable, "-m", "dice_jax.train", f"--config={TINY_CONFIG}",
-         f"--config.run_dir={run_dir}", "--quiet", *overrides],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(tiny_command(run_dir, *overrides), cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
     if check and kill_at is None and term_at is None:
         assert proc.returncode == 0, proc.stderr[-4000:]
     return proc

@@ -13,13 +13,10 @@ import json
 import os
 import socket
 import subprocess
-import sys
 
 import numpy as np
 import pytest
-
-REPO = os.path.join(os.path.dirname(__file__), os.pardir)
-TINY = os.path.join(REPO, "configs", "tiny.py")
+from helpers import REPO, tiny_command
 
 
 def _free_port() -> int:
@@ -38,10 +35,8 @@ def _env(devices: int, **extra: str) -> dict[str, str]:
 
 
 def _train(run_dir: str, env: dict[str, str], *overrides: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "dice_jax.train", f"--config={TINY}",
-         f"--config.run_dir={run_dir}", "--quiet", *overrides],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(tiny_command(run_dir, *overrides), cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _finish(procs: list[subprocess.Popen], timeout: float = 900) -> list[tuple[int, str]]:
